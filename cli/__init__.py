@@ -1,0 +1,1 @@
+"""Command-line interface of compressor: parses options and calls the library, nothing else."""

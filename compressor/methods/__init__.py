@@ -1,0 +1,53 @@
+"""Method registry: a method scores and plans, it never edits graphs. A new method is one module here.
+
+A method is a function `plan(analysis, options) -> Plan` registered under a name with `@register("name")`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Callable
+
+from compressor.errors import CompressorError
+
+if TYPE_CHECKING:
+    from compressor.analysis import Analysis
+    from compressor.plan import Plan, PlanOptions
+
+MethodFn = Callable[["Analysis", "PlanOptions"], "Plan"]
+
+_REGISTRY: dict[str, MethodFn] = {}
+_BUILTIN_MODULES = ("zeros", "norms", "random_method", "graph_rw")
+
+
+def register(name: str) -> Callable[[MethodFn], MethodFn]:
+    """Register a planning function under `name`."""
+
+    def decorator(fn: MethodFn) -> MethodFn:
+        _REGISTRY[name] = fn
+        return fn
+
+    return decorator
+
+
+def _load_builtins() -> None:
+    for module in _BUILTIN_MODULES:
+        try:
+            importlib.import_module(f"compressor.methods.{module}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"compressor.methods.{module}":
+                raise
+
+
+def available() -> list[str]:
+    """Names of all registered methods."""
+    _load_builtins()
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> MethodFn:
+    """The planning function registered as `name`; a CompressorError names the choices otherwise."""
+    _load_builtins()
+    if name not in _REGISTRY:
+        raise CompressorError(f"unknown method '{name}' (choose from: {', '.join(sorted(_REGISTRY))})")
+    return _REGISTRY[name]
