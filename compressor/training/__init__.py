@@ -1,0 +1,2 @@
+"""PyTorch side of compressor: models, data on the GPU, training loops, export. Imports torch; the ONNX path never
+imports this package."""
