@@ -1,0 +1,381 @@
+"""Channel-dependency analysis: trace channel units through the graph, form groups, find residual blocks.
+
+`analyze(model)` returns an `Analysis`: the prunable groups (sets of channel units that belong together, e.g. all
+convs feeding one residual stream), the removable residual blocks, and everything surgery and cost estimation need.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from compressor.blocks import Block, find_blocks
+from compressor.cost import is_param, node_macs
+from compressor.errors import CompressorError
+from compressor.graph import GraphView, ensure_node_names
+from compressor.loading import default_opset, load_model, resolve_input_shapes
+from compressor.rules import RULES
+from compressor.shapes import infer_shapes
+from compressor.units import UnitTable
+
+
+@dataclass
+class ChannelMap:
+    """The channel axis of a tensor, the unit of each position along it, and which positions are exactly zero."""
+
+    axis: int
+    units: np.ndarray
+    zero: np.ndarray
+
+
+@dataclass
+class ParamSlice:
+    """Axis `axis` of initializer `init` has positions belonging to `units`.
+
+    role: 'out' (a layer's output filters), 'in' (a mixing layer's input channels, read from activation `tensor`),
+    'chan' (per-channel parameters such as BN statistics or per-channel constants).
+    """
+
+    init: str
+    axis: int
+    units: np.ndarray
+    role: str
+    node: str
+    tensor: str | None = None
+
+
+@dataclass
+class MacTerm:
+    """A MAC-bearing node: its MACs scale with the kept fraction of its input and output units."""
+
+    node: str
+    macs: int
+    in_units: np.ndarray | None
+    out_units: np.ndarray | None
+
+
+@dataclass
+class Group:
+    """Channel units that share producers: pruning picks a subset of them to remove."""
+
+    index: int
+    name: str
+    units: np.ndarray
+    prunable: np.ndarray
+    producers: list[str]
+    blocked_reason: str | None = None
+
+    @property
+    def size(self) -> int:
+        """Number of channel units in the group."""
+        return len(self.units)
+
+
+class Tracer:
+    """The state rules work on while the graph is traced in topological order."""
+
+    def __init__(self, view: GraphView, opset: int):
+        self.view = view
+        self.opset = opset
+        self.table = UnitTable()
+        self.cmaps: dict[str, ChannelMap] = {}
+        self.params: list[ParamSlice] = []
+        self.rewrites: list[tuple[str, object]] = []
+        self.mac_terms: list[MacTerm] = []
+        self.consumed_params: dict[str, set[str]] = {}
+
+    def cmap(self, name: str) -> ChannelMap | None:
+        """The channel map of tensor `name`, or None when its channels are fixed or unknown."""
+        return self.cmaps.get(name) if name else None
+
+    def rank(self, name: str) -> int | None:
+        """Rank of tensor `name`, if known."""
+        shape = self.view.shape(name)
+        return None if shape is None else len(shape)
+
+    def set(self, name: str, axis: int, units: np.ndarray, zero: np.ndarray | None) -> None:
+        """Give tensor `name` a channel map (zero=None: no position is known to be exactly zero)."""
+        units = np.asarray(units, dtype=np.int64)
+        zero = np.zeros(len(units), dtype=bool) if zero is None else np.asarray(zero, dtype=bool)
+        shape = self.view.shape(name)
+        if shape is None or axis >= len(shape) or shape[axis] != len(units):
+            self.block(units, f"tensor '{name}' has an unexpected shape")
+            return
+        self.cmaps[name] = ChannelMap(axis, units, zero)
+
+    def new_units(self, count: int, node: onnx.NodeProto, blocked: str | None = None) -> np.ndarray:
+        """Fresh units born at `node`."""
+        return self.table.new(count, node.name, blocked)
+
+    def union(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Couple unit a[i] with b[i]."""
+        self.table.union(a, b)
+
+    def block(self, units: np.ndarray, reason: str) -> None:
+        """Make units unprunable."""
+        self.table.block(units, reason)
+
+    def block_inputs(self, node: onnx.NodeProto, reason: str) -> None:
+        """Block the channels of every tracked input of `node`."""
+        for name in node.input:
+            cmap = self.cmap(name)
+            if cmap is not None:
+                self.block(cmap.units, f"{node.op_type} '{node.name}': {reason}")
+
+    def param(self, init: str, axis: int, units: np.ndarray, role: str, node: onnx.NodeProto, tensor: str | None = None) -> None:
+        """Register that initializer `init` is sliced along `axis` with `units`."""
+        self.params.append(ParamSlice(init, axis, np.asarray(units, dtype=np.int64), role, node.name, tensor))
+        self.consumed_params.setdefault(init, set()).add(node.name)
+
+    def rewrite(self, node: onnx.NodeProto, fn) -> None:
+        """Register an attribute/shape-constant rewrite `fn(node, keep, surgery)` for `node`."""
+        self.rewrites.append((node.name, fn))
+
+    def macs(self, node: onnx.NodeProto, in_units: np.ndarray | None, out_units: np.ndarray | None) -> None:
+        """Register a MAC term for `node`."""
+        self.mac_terms.append(MacTerm(node.name, node_macs(node, self.view), in_units, out_units))
+
+
+class Analysis:
+    """Groups, blocks and the bookkeeping that maps a plan to costs and to surgery."""
+
+    def __init__(self, proto: onnx.ModelProto, input_shapes: dict[str, list[int]]):
+        self.proto = proto
+        self.input_shapes = input_shapes
+        self.view = GraphView(proto, infer_shapes(proto, input_shapes))
+        tracer = Tracer(self.view, default_opset(proto) or 13)
+        self._trace(tracer)
+        self.tracer = tracer
+        roots = tracer.table.roots()
+        self.unit_roots = roots
+        for cmap in tracer.cmaps.values():
+            cmap.units = roots[cmap.units]
+        for p in tracer.params:
+            p.units = roots[p.units]
+        for term in tracer.mac_terms:
+            term.in_units = None if term.in_units is None else roots[term.in_units]
+            term.out_units = None if term.out_units is None else roots[term.out_units]
+        self.cmaps = tracer.cmaps
+        self.params = tracer.params
+        self.mac_terms = tracer.mac_terms
+        self.rewrites = tracer.rewrites
+        self._check_shared_params(tracer)
+        self.groups = self._build_groups(tracer)
+        self.unit_group = {int(u): g.index for g in self.groups for u in g.units}
+        self.unit_local = {int(u): i for g in self.groups for i, u in enumerate(g.units)}
+        self.blocks: list[Block] = find_blocks(self.view, self.cmaps)
+        self.macs = int(sum(t.macs for t in self.mac_terms))
+        self._param_sizes = {
+            name: int(v.size) for name, v in self.view.constants.items() if is_param(v) and name in self._used_inits()
+        }
+        self.params_total = sum(self._param_sizes.values())
+
+    # --- tracing -------------------------------------------------------------------------------------------------
+    def _trace(self, t: Tracer) -> None:
+        for node in self.view.nodes:
+            rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+            if rule is None:
+                t.block_inputs(node, "no channel rule for this op")
+                continue
+            rule(t, node)
+        for name in self.view.outputs:
+            cmap = t.cmap(name)
+            if cmap is not None:
+                t.block(cmap.units, f"channels of graph output '{name}'")
+        for name, consumers in t.consumed_params.items():
+            for node in self.view.consumers.get(name, []):
+                if node.name not in consumers:
+                    for p in t.params:
+                        if p.init == name:
+                            t.block(p.units, f"initializer '{name}' is also read by '{node.name}'")
+
+    def _check_shared_params(self, t: Tracer) -> None:
+        seen: dict[tuple[str, int], np.ndarray] = {}
+        for p in self.params:
+            key = (p.init, p.axis)
+            if key in seen and not np.array_equal(seen[key], p.units):
+                if len(seen[key]) == len(p.units):
+                    t.table.union(seen[key], p.units)
+                else:
+                    t.table.block(np.concatenate([seen[key], p.units]), f"initializer '{p.init}' shared inconsistently")
+            seen.setdefault(key, p.units)
+        roots = t.table.roots()
+        if not np.array_equal(roots, self.unit_roots):
+            self.unit_roots = roots
+            for cmap in self.cmaps.values():
+                cmap.units = roots[cmap.units]
+            for p in self.params:
+                p.units = roots[p.units]
+            for term in self.mac_terms:
+                term.in_units = None if term.in_units is None else roots[term.in_units]
+                term.out_units = None if term.out_units is None else roots[term.out_units]
+
+    def _build_groups(self, t: Tracer) -> list[Group]:
+        roots = self.unit_roots
+        table = t.table
+        # Units born at the same node belong together; merged units merge their birth nodes' groups.
+        births = sorted(set(table.birth), key=table.birth.index)
+        birth_index = {b: i for i, b in enumerate(births)}
+        parent = list(range(len(births)))
+
+        def find(i: int) -> int:
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        first_birth_of_root: dict[int, int] = {}
+        for unit, root in enumerate(roots.tolist()):
+            b = birth_index[table.birth[unit]]
+            if root in first_birth_of_root:
+                x, y = find(first_birth_of_root[root]), find(b)
+                if x != y:
+                    parent[max(x, y)] = min(x, y)
+            else:
+                first_birth_of_root[root] = b
+        members: dict[int, list[int]] = {}
+        for root in sorted(first_birth_of_root):
+            members.setdefault(find(first_birth_of_root[root]), []).append(root)
+        producers: dict[int, list[str]] = {}
+        for p in self.params:
+            if p.role == "out" and len(p.units):
+                comp = find(birth_index[table.birth[int(p.units[0])]])
+                if p.node not in producers.setdefault(comp, []):
+                    producers[comp].append(p.node)
+        groups = []
+        for comp in sorted(members):
+            units = np.array(members[comp], dtype=np.int64)
+            blocked = np.array([table.is_blocked(int(u)) for u in units])
+            reason = next((table.blocked[table.find(int(u))] for u in units if table.is_blocked(int(u))), None)
+            names = producers.get(comp) or [births[comp]]
+            groups.append(Group(len(groups), names[0], units, ~blocked, producers.get(comp, []), reason))
+        return groups
+
+    def _used_inits(self) -> set[str]:
+        return {name for node in self.view.nodes for name in node.input if name in self.view.constants}
+
+    # --- plan evaluation -------------------------------------------------------------------------------------------
+    def removed_mask(self, plan) -> np.ndarray:
+        """Boolean array over unit ids: True where the plan removes the unit."""
+        removed = np.zeros(len(self.unit_roots), dtype=bool)
+        for g, local in plan.removed.items():
+            if len(local):
+                removed[self.groups[g].units[np.asarray(local, dtype=np.int64)]] = True
+        return removed
+
+    def dropped_nodes(self, plan) -> set[str]:
+        """Names of the nodes removed with the plan's dropped blocks."""
+        return {n for b in plan.dropped_blocks for n in self.blocks[b].nodes}
+
+    def cost(self, plan) -> tuple[int, int]:
+        """(MACs, params) of the model after applying `plan`."""
+        removed = self.removed_mask(plan)
+        dropped = self.dropped_nodes(plan)
+        macs = 0.0
+        for term in self.mac_terms:
+            if term.node in dropped or term.macs == 0:
+                continue
+            value = float(term.macs)
+            for units in (term.in_units, term.out_units):
+                if units is not None and len(units):
+                    value *= np.count_nonzero(~removed[units]) / len(units)
+            macs += value
+        live_inits = {name for node in self.view.nodes if node.name not in dropped for name in node.input}
+        fractions: dict[str, float] = {}
+        seen: set[tuple[str, int]] = set()
+        for p in self.params:
+            if (p.init, p.axis) in seen or p.node in dropped or not len(p.units):
+                continue
+            seen.add((p.init, p.axis))
+            fractions[p.init] = fractions.get(p.init, 1.0) * np.count_nonzero(~removed[p.units]) / len(p.units)
+        params = sum(size * fractions.get(name, 1.0) for name, size in self._param_sizes.items() if name in live_inits)
+        return int(round(macs)), int(round(params))
+
+    def pruned_parameters(self, plan) -> dict[str, dict[int, np.ndarray]]:
+        """Initializer name → axis → indices the plan removes (dropped blocks: every axis of their weights)."""
+        removed = self.removed_mask(plan)
+        result: dict[str, dict[int, np.ndarray]] = {}
+        for p in self.params:
+            idx = np.nonzero(removed[p.units])[0]
+            if len(idx):
+                result.setdefault(p.init, {})[p.axis] = idx
+        for name in self.dropped_nodes(plan):
+            node = next(n for n in self.view.nodes if n.name == name)
+            for inp in node.input:
+                value = self.view.const(inp)
+                if value is not None and is_param(value):
+                    result[inp] = {axis: np.arange(value.shape[axis]) for axis in range(value.ndim)}
+        return result
+
+    def group_filters(self, index: int) -> np.ndarray:
+        """Per unit of group `index`: the flattened weights of all its producing layers, concatenated."""
+        size = self.groups[index].size
+        pieces = []
+        for p, local in self.group_slices(index, roles=("out",)):
+            weight = np.moveaxis(self.view.constants[p.init], p.axis, 0).astype(np.float64)
+            rows = weight.reshape(weight.shape[0], -1)
+            valid = local >= 0
+            repeats = int(np.bincount(local[valid]).max())
+            if repeats == 1:
+                block = np.zeros((size, rows.shape[1]))
+                block[local[valid]] = rows[valid]
+            else:
+                block = np.zeros((size, rows.shape[1] * repeats))
+                fill = np.zeros(size, dtype=np.int64)
+                for row, i in zip(rows[valid], local[valid].tolist()):
+                    block[i, fill[i]: fill[i] + rows.shape[1]] = row
+                    fill[i] += rows.shape[1]
+            pieces.append(block)
+        return np.concatenate(pieces, axis=1) if pieces else np.zeros((size, 0))
+
+    def group_slices(self, index: int, roles: tuple[str, ...] = ("out", "in")) -> list[tuple[ParamSlice, np.ndarray]]:
+        """Per parameter slice touching group `index`: (slice, local unit index per position or -1)."""
+        group = self.groups[index]
+        local = np.full(len(self.unit_roots), -1, dtype=np.int64)
+        local[group.units] = np.arange(group.size)
+        return [(p, local[p.units]) for p in self.params if p.role in roles and (local[p.units] >= 0).any()]
+
+    def excluded_groups(self, patterns: tuple[str, ...] | list[str]) -> set[int]:
+        """Groups with a producer (or a producer's weight) whose name matches one of the patterns."""
+        if not patterns:
+            return set()
+        weights = {p.node: p.init for p in self.params if p.role == "out"}
+        out = set()
+        for g in self.groups:
+            names = [n for prod in g.producers for n in (prod, weights.get(prod, ""))] + [g.name]
+            if any(_matches(name, pat) for name in names for pat in patterns):
+                out.add(g.index)
+        return out
+
+    def excluded_blocks(self, patterns: tuple[str, ...] | list[str]) -> set[int]:
+        """Blocks containing a node whose name matches one of the patterns."""
+        return {b.index for b in self.blocks if any(_matches(n, p) for n in b.nodes for p in patterns)}
+
+    def tensor_units(self) -> list[np.ndarray]:
+        """Unit arrays of every traced tensor (each must keep at least one channel)."""
+        return [c.units for c in self.cmaps.values()]
+
+
+def _matches(name: str, pattern: str) -> bool:
+    if any(ch in pattern for ch in "*?["):
+        return fnmatch.fnmatchcase(name, pattern)
+    return pattern in name
+
+
+def analyze(model, input_shapes: dict[str, list[int]] | None = None) -> Analysis:
+    """Load `model` (path or ModelProto) and analyze its channel dependencies and residual blocks."""
+    proto = load_model(model)
+    ensure_node_names(proto)
+    shapes = resolve_input_shapes(proto, input_shapes)
+    try:
+        return Analysis(proto, shapes)
+    except CompressorError:
+        raise
+    except (ValueError, IndexError, KeyError) as exc:
+        raise CompressorError(f"unsupported graph: {exc}") from exc
+
+
+__all__ = ["Analysis", "Block", "ChannelMap", "Group", "MacTerm", "ParamSlice", "analyze", "field"]

@@ -1,0 +1,230 @@
+"""The library entry points: `compress` (load → analyze → plan → surgery → verify) and `inspect`."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from compressor import methods
+from compressor.analysis import Analysis, analyze
+from compressor.cost import ModelCost, view_cost
+from compressor.errors import CompressorError, VerificationError
+from compressor.graph import GraphView
+from compressor.plan import Plan, PlanOptions
+from compressor.shapes import infer_shapes
+from compressor.surgery import apply_plan, zeroed_reference
+from compressor.verify import check_model, verify
+
+Progress = Callable[[str], None]
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+@dataclass
+class CompressResult:
+    """The compressed model, its report and the plan that produced it."""
+
+    model: onnx.ModelProto
+    report: dict
+    plan: Plan
+    analysis: Analysis
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the model atomically (temp file, then rename); large models get an external data file."""
+        return save_model(self.model, path)
+
+
+def save_model(proto: onnx.ModelProto, path: str | os.PathLike) -> Path:
+    """Write `proto` to `path` atomically; nothing is left behind on failure."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise CompressorError(f"output directory does not exist: {path.parent}")
+    if not os.access(path.parent, os.W_OK):
+        raise CompressorError(f"output directory is not writable: {path.parent}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    data_name = f"{path.name}.data"
+    tmp_data = path.parent / f".{data_name}.tmp"
+    try:
+        if proto.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+            onnx.save_model(proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=data_name)
+            os.replace(path.parent / data_name, tmp_data)
+            os.replace(tmp_data, path.parent / data_name)
+        else:
+            onnx.save_model(proto, tmp)
+        os.replace(tmp, path)
+    except Exception as exc:
+        for leftover in (Path(tmp), tmp_data):
+            leftover.unlink(missing_ok=True)
+        if isinstance(exc, CompressorError):
+            raise
+        raise CompressorError(f"cannot write {path}: {exc}") from exc
+    return path
+
+
+@contextmanager
+def _stage(timings: dict[str, float], name: str, progress: Progress | None):
+    if progress:
+        progress(name)
+    start = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - start, 4)
+
+
+def _cost_of(proto: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> ModelCost:
+    return view_cost(GraphView(proto, infer_shapes(proto, input_shapes)))
+
+
+def compress(model, method: str = "l1", ratio: float | None = 0.5, *, target: str = "macs", round_to: int = 1,
+             min_channels: int = 1, exclude=(), seed: int = 0, input_shapes: dict[str, list[int]] | None = None,
+             verify: bool = True, method_options: dict | None = None, progress: Progress | None = None) -> CompressResult:
+    """Compress `model` (a path or an onnx.ModelProto) with a registered method.
+
+    ratio is the fraction of `target` (macs or params) to remove; `zeros` ignores it. Raises CompressorError on
+    bad input and VerificationError when the result does not match its reference.
+    """
+    start = time.perf_counter()
+    timings: dict[str, float] = {}
+    plan_fn = methods.get(method)
+    options = PlanOptions(ratio, target, round_to, min_channels, tuple(exclude or ()), seed, dict(method_options or {}))
+    options.validate(needs_ratio=method != "zeros")
+    original_bytes = model.ByteSize() if isinstance(model, onnx.ModelProto) else _file_size(model)
+    with _stage(timings, "analyze", progress):
+        analysis = analyze(model, input_shapes)
+    with _stage(timings, "plan", progress):
+        plan = plan_fn(analysis, options)
+    if plan.is_empty() and method != "zeros":
+        raise CompressorError("nothing prunable: the plan removes no channel and no block")
+    with _stage(timings, "surgery", progress):
+        result = apply_plan(analysis, plan)
+    verification = None
+    if verify:
+        with _stage(timings, "verify", progress):
+            reference = None if method == "zeros" else zeroed_reference(analysis, plan)
+            verification = _run_verification(analysis, reference, result)
+    else:
+        with _stage(timings, "check", progress):
+            check_model(result, analysis.input_shapes)
+    with _stage(timings, "report", progress):
+        after = _cost_of(result, analysis.input_shapes)
+        report = build_report(analysis, plan, options, method, after, original_bytes, result.ByteSize(), verification)
+    report["seconds"] = round(time.perf_counter() - start, 3)
+    report["stage_seconds"] = timings
+    return CompressResult(result, report, plan, analysis, timings)
+
+
+def _run_verification(analysis: Analysis, reference, result):
+    outcome = verify(analysis.proto, reference, result, analysis.input_shapes)
+    if not outcome.passed:
+        raise VerificationError(
+            f"verification failed: max abs diff {outcome.max_abs_diff_vs_reference:.3g} against the reference exceeds "
+            f"{outcome.tolerance:.3g}; nothing written (this is a bug: please report the model)"
+        )
+    return outcome
+
+
+def _file_size(model) -> int:
+    path = Path(model)
+    if not path.is_file():
+        return 0
+    size = path.stat().st_size
+    return size
+
+
+def build_report(analysis: Analysis, plan: Plan, options: PlanOptions, method: str, after: ModelCost,
+                 bytes_before: int, bytes_after: int, verification) -> dict:
+    """The JSON-ready report of one compression."""
+    groups = []
+    for group in analysis.groups:
+        removed = plan.removed.get(group.index, np.zeros(0, dtype=np.int64))
+        entry = {
+            "name": group.name,
+            "channels_before": group.size,
+            "channels_after": group.size - len(removed),
+            "prunable": int(group.prunable.sum()),
+        }
+        entry.update({k: _jsonable(v) for k, v in plan.group_info.get(group.index, {}).items()})
+        groups.append(entry)
+    macs_planned, params_planned = analysis.cost(plan)
+    return {
+        "method": method,
+        "ratio": options.ratio,
+        "target": options.target,
+        "round_to": options.round_to,
+        "min_channels": options.min_channels,
+        "exclude": list(options.exclude),
+        "seed": options.seed,
+        "method_options": {k: _jsonable(v) for k, v in options.extra.items()},
+        "input_shapes": analysis.input_shapes,
+        "macs_before": analysis.macs,
+        "macs_after": after.macs,
+        "macs_planned": macs_planned,
+        "macs_reduction": round(1 - after.macs / analysis.macs, 6) if analysis.macs else 0.0,
+        "params_before": analysis.params_total,
+        "params_after": after.params,
+        "params_planned": params_planned,
+        "params_reduction": round(1 - after.params / analysis.params_total, 6) if analysis.params_total else 0.0,
+        "bytes_before": bytes_before,
+        "bytes_after": bytes_after,
+        "verified": verification.passed if verification else False,
+        "max_abs_diff_vs_reference": verification.max_abs_diff_vs_reference if verification else None,
+        "max_abs_diff_vs_original": verification.max_abs_diff_vs_original if verification else None,
+        "tolerance": verification.tolerance if verification else None,
+        "groups_total": len(analysis.groups),
+        "groups_pruned": sum(1 for g in groups if g["channels_after"] < g["channels_before"]),
+        "groups": groups,
+        "blocks_total": len(analysis.blocks),
+        "blocks_removed": [analysis.blocks[b].name for b in sorted(plan.dropped_blocks)],
+        "notes": list(plan.notes),
+        "layers": [vars(layer) for layer in after.layers],
+    }
+
+
+def _jsonable(value):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+@dataclass
+class Inspection:
+    """What `compress inspect` shows: groups, blocks and the per-layer cost table."""
+
+    analysis: Analysis
+    cost: ModelCost
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        a = self.analysis
+        return {
+            "macs": self.cost.macs,
+            "params": self.cost.params,
+            "groups": [
+                {"index": g.index, "name": g.name, "channels": g.size, "prunable": int(g.prunable.sum()),
+                 "producers": g.producers, "blocked_reason": g.blocked_reason}
+                for g in a.groups
+            ],
+            "blocks": [{"index": b.index, "name": b.name, "join": b.join, "nodes": len(b.nodes), "macs": b.macs,
+                        "zero": b.zero} for b in a.blocks],
+            "layers": [vars(layer) for layer in self.cost.layers],
+        }
+
+
+def inspect(model, input_shapes: dict[str, list[int]] | None = None) -> Inspection:
+    """Analyze a model (path or ModelProto) without changing it."""
+    analysis = analyze(model, input_shapes)
+    return Inspection(analysis, view_cost(analysis.view))

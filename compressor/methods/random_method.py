@@ -1,0 +1,16 @@
+"""Method `random`: seeded random channel selection at a uniform per-group rate (a baseline)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from compressor.methods import register
+from compressor.plan import Plan, PlanOptions, allocate
+
+
+@register("random")
+def plan_random(analysis, options: PlanOptions) -> Plan:
+    """Uniform per-group rate; which units go is drawn from a generator seeded with options.seed."""
+    rng = np.random.default_rng(options.seed)
+    scores = {g.index: rng.random(g.size) for g in analysis.groups if g.prunable.any()}
+    return allocate(analysis, scores, options)
