@@ -19,10 +19,13 @@ computes exact zeros there and the engine's `zeros` method removes them.
 MAC target -> Q (structured). Each group carries `macs_per_filter`: the MACs that removing that one filter saves, i.e.
 its own conv MACs (C_in/groups * kh * kw * H_out * W_out) plus its consumer's input slice (for a 3x3 conv2 consumer,
 C_out2 * kh * kw * H_out2 * W_out2; a zero filter makes that input channel a constant zero, so the engine drops the
-slice too). With M the model's total MACs and r the ratio of MACs to remove, the kept budget of the groups is
-K = sum_g macs_g - ceil(r * M). Every step the groups are ranked by score (highest first, ties by position) and the
-longest prefix whose cumulative MACs stay <= K is active; Q is that prefix's length, so it can change from step to
-step while the removed MACs are always >= r * M. `finalize()` applies the same rule to the groups' L2 norms.
+slice too). The engine never empties a tensor (its `zeros` method keeps one all-zero channel in a layer that would
+otherwise have none), so each layer keeps its `min_filters` (default 1) best-scored filters always active. With M the
+model's total MACs and r the ratio of MACs to remove, the kept budget of the groups is K = sum_g macs_g - ceil(r * M),
+reachable only if K >= the reserved filters' MACs. Every step the filters are ranked by score (reserved ones first,
+then highest score first, ties by position) and the longest prefix whose cumulative MACs stay <= K is active; Q is
+that prefix's length, so it can change from step to step while the removed MACs are always >= r * M (and equal what
+the engine removes). `finalize()` applies the same rule to the filters' L2 norms.
 
 Note on unstructured mode: ONNX Runtime runs dense kernels, so unstructured zeros do not make the model faster or
 smaller; the model is stored as is and only its per-layer sparsity is reported (see UNSTRUCTURED_NOTE).
@@ -121,6 +124,7 @@ class GlobalSparseMomentum(torch.optim.Optimizer):
         momentum: float = DEFAULT_MOMENTUM,
         decay: float = DEFAULT_DECAY,
         dense_momentum: float | None = None,
+        min_filters: int = 1,
     ):
         structured = filter_groups is not None
         if structured == (keep is not None) or structured != (keep_macs is not None):
@@ -136,8 +140,12 @@ class GlobalSparseMomentum(torch.optim.Optimizer):
             others = [p for p in weights if id(p) not in sparse_ids]
             groups = [(ROLE_SPARSE, sparse, momentum), (ROLE_ACTIVE, others, momentum)]
             self.keep_macs = int(keep_macs)
-            if self.keep_macs < 0:
-                raise CompressorError(f"GSM keep_macs must be >= 0, got {keep_macs}")
+            self.min_filters = int(min_filters)
+            reserved = sum(g.macs_per_filter * min(self.min_filters, g.conv_weight.shape[0]) for g in filter_groups)
+            if self.keep_macs < reserved:
+                raise CompressorError(
+                    f"GSM keep_macs={keep_macs} is below the {reserved} MACs of the {min_filters} filter(s) per layer"
+                )
             self._filter_macs = torch.tensor(
                 [g.macs_per_filter for g in self.filter_groups for _ in range(g.conv_weight.shape[0])],
                 dtype=torch.float64,
@@ -171,19 +179,29 @@ class GlobalSparseMomentum(torch.optim.Optimizer):
 
     @classmethod
     def structured(
-        cls, model: nn.Module, lr: float, ratio: float, filter_groups: Sequence[FilterGroup], total_macs: int, **options
+        cls,
+        model: nn.Module,
+        lr: float,
+        ratio: float,
+        filter_groups: Sequence[FilterGroup],
+        total_macs: int,
+        *,
+        min_filters: int = 1,
+        **options,
     ) -> "GlobalSparseMomentum":
-        """Structured GSM: the active groups keep at most K = sum_g macs_g - ceil(ratio * total_macs) MACs."""
+        """Structured GSM: the active groups keep at most K = sum_g macs_g - ceil(ratio * total_macs) MACs, each layer
+        keeping at least min_filters filters (the engine keeps one channel in a layer it would otherwise empty)."""
         if not 0.0 <= ratio < 1.0:
             raise CompressorError(f"GSM ratio must be in [0, 1), got {ratio}")
-        removable = sum(g.macs_per_filter * g.conv_weight.shape[0] for g in filter_groups)
+        grouped = sum(g.macs_per_filter * g.conv_weight.shape[0] for g in filter_groups)
+        removable = sum(g.macs_per_filter * max(0, g.conv_weight.shape[0] - min_filters) for g in filter_groups)
         target = math.ceil(ratio * total_macs)
         if target > removable:
             raise CompressorError(
                 f"ratio {ratio} needs {target} MACs removed, but the removable filters hold only {removable} of "
                 f"{total_macs} MACs ({removable / total_macs:.1%}); choose a ratio <= {removable / total_macs:.3f}"
             )
-        return cls(model, lr, filter_groups=filter_groups, keep_macs=removable - target, **options)
+        return cls(model, lr, filter_groups=filter_groups, keep_macs=grouped - target, min_filters=min_filters, **options)
 
     @staticmethod
     def _group_members(filter_groups: Sequence[FilterGroup]) -> list[nn.Parameter]:
@@ -227,7 +245,15 @@ class GlobalSparseMomentum(torch.optim.Optimizer):
         return torch.cat(values)
 
     def _select_filters(self, scores: torch.Tensor) -> torch.Tensor:
-        """Bool per filter: the longest prefix of the filters ranked by score (descending) within the kept MAC budget."""
+        """Bool per filter: the longest prefix of the filters ranked by score (descending, each layer's min_filters
+        best first) within the kept MAC budget."""
+        if self.min_filters > 0:
+            ranked, offset = scores.clone(), 0
+            for group in self.filter_groups:
+                layer = ranked[offset : offset + group.conv_weight.shape[0]]
+                layer[layer.topk(min(self.min_filters, layer.numel())).indices] = math.inf
+                offset += layer.numel()
+            scores = ranked
         if self._filter_macs.device != scores.device:
             self._filter_macs = self._filter_macs.to(scores.device)
         macs = self._filter_macs
