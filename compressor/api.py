@@ -49,7 +49,10 @@ def save_model(proto: onnx.ModelProto, path: str | os.PathLike) -> Path:
         raise CompressorError(f"output directory does not exist: {path.parent}")
     if not os.access(path.parent, os.W_OK):
         raise CompressorError(f"output directory is not writable: {path.parent}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise CompressorError(f"cannot write to {path.parent}: {exc.strerror or exc}") from exc
     os.close(fd)
     data_name = f"{path.name}.data"
     tmp_data = path.parent / f".{data_name}.tmp"
@@ -67,6 +70,21 @@ def save_model(proto: onnx.ModelProto, path: str | os.PathLike) -> Path:
         if isinstance(exc, CompressorError):
             raise
         raise CompressorError(f"cannot write {path}: {exc}") from exc
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write text to `path` through a temp file and a rename."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise CompressorError(f"output directory does not exist: {path.parent}")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise CompressorError(f"cannot write {path}: {exc.strerror or exc}") from exc
     return path
 
 
@@ -96,9 +114,9 @@ def compress(model, method: str = "l1", ratio: float | None = 0.5, *, target: st
     plan_fn = methods.get(method)
     options = PlanOptions(ratio, target, round_to, min_channels, tuple(exclude or ()), seed, dict(method_options or {}))
     options.validate(needs_ratio=method != "zeros")
-    original_bytes = model.ByteSize() if isinstance(model, onnx.ModelProto) else _file_size(model)
     with _stage(timings, "analyze", progress):
         analysis = analyze(model, input_shapes)
+    original_bytes = analysis.proto.ByteSize()
     with _stage(timings, "plan", progress):
         plan = plan_fn(analysis, options)
     if plan.is_empty() and method != "zeros":
@@ -129,14 +147,6 @@ def _run_verification(analysis: Analysis, reference, result):
             f"{outcome.tolerance:.3g}; nothing written (this is a bug: please report the model)"
         )
     return outcome
-
-
-def _file_size(model) -> int:
-    path = Path(model)
-    if not path.is_file():
-        return 0
-    size = path.stat().st_size
-    return size
 
 
 def build_report(analysis: Analysis, plan: Plan, options: PlanOptions, method: str, after: ModelCost,

@@ -52,7 +52,10 @@ def infer_shapes(proto: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> 
         shapes[init.name] = tuple(init.dims)
     missing = [o for n in graph.node for o in n.output if o and o not in shapes]
     if missing:
-        shapes.update(run_for_shapes(fixed, input_shapes, missing))
+        try:
+            shapes.update(run_for_shapes(fixed, input_shapes, missing))
+        except CompressorError:
+            pass  # e.g. custom ops ONNX Runtime cannot run: tensors of unknown shape stay unprunable
     return shapes
 
 

@@ -144,4 +144,9 @@ def finalize(proto: onnx.ModelProto) -> onnx.ModelProto:
     del out.metadata_props[:]
     out.metadata_props.extend(proto.metadata_props)
     del out.graph.value_info[:]
+    for field_name in ("input", "output"):
+        declared = {vi.name: vi for vi in getattr(proto.graph, field_name)}
+        for vi in getattr(out.graph, field_name):
+            if vi.name in declared:
+                vi.CopyFrom(declared[vi.name])
     return out

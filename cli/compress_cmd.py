@@ -1,0 +1,133 @@
+"""The main command: `compress MODEL.onnx --method M --ratio R -o OUT.onnx`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cli.common import fail
+from cli.main import _usage_epilog
+
+app = typer.Typer(add_completion=False, rich_markup_mode=None, epilog=_usage_epilog(),
+                  context_settings={"help_option_names": ["-h", "--help"]})
+
+
+def _human(n: float) -> str:
+    for unit in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000:
+            return f"{n:.2f}{unit}" if unit else f"{int(n)}"
+        n /= 1000
+    return f"{n:.2f}P"
+
+
+def _parse_method_options(items: list[str]) -> dict:
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            fail(f"bad --method-option '{item}' (expected KEY=VALUE)")
+        options[key.replace("-", "_")] = value
+    return options
+
+
+def print_summary(report: dict, output: Path) -> None:
+    """Human summary of a compression report on stdout."""
+    def line(label, before, after, fmt=_human):
+        change = (1 - after / before) * 100 if before else 0.0
+        typer.echo(f"  {label:<7} {fmt(before):>10} -> {fmt(after):>10}  (-{change:.1f}%)")
+
+    typer.echo(f"compressed with {report['method']} -> {output}")
+    line("MACs", report["macs_before"], report["macs_after"])
+    line("params", report["params_before"], report["params_after"])
+    line("bytes", report["bytes_before"], report["bytes_after"])
+    typer.echo(f"  groups pruned {report['groups_pruned']}/{report['groups_total']}, "
+               f"blocks dropped {len(report['blocks_removed'])}/{report['blocks_total']}")
+    if report["verified"]:
+        typer.echo(f"  verified: max abs diff {report['max_abs_diff_vs_reference']:.3g} vs reference "
+                   f"(tolerance {report['tolerance']:.3g}), {report['max_abs_diff_vs_original']:.3g} vs original")
+    else:
+        typer.echo("  verification skipped (--no-verify): checker and shape inference passed")
+    for note in report["notes"]:
+        typer.echo(f"  note: {note}")
+
+
+@app.command()
+def compress(
+    model: Path = typer.Argument(..., metavar="MODEL.onnx", help="Input ONNX model (never modified)."),
+    method: str = typer.Option("l1", "--method", "-m", help="Scoring/planning method: zeros, l1, l2, random, graph-rw, ..."),
+    ratio: Optional[float] = typer.Option(None, "--ratio", "-r", help="Fraction of --target to remove, in (0, 1). Not used by zeros."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output ONNX path (written atomically)."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write the JSON report here."),
+    target: str = typer.Option("macs", "--target", help="What --ratio removes: macs or params."),
+    round_to: int = typer.Option(1, "--round-to", help="Kept channel counts are multiples of N where the layer is wide enough."),
+    min_channels: int = typer.Option(1, "--min-channels", help="Keep at least this many channels per group."),
+    exclude: list[str] = typer.Option([], "--exclude", help="Never prune groups/blocks whose node or weight name matches (glob or substring)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for random choices."),
+    input_shape: list[str] = typer.Option([], "--input-shape", help="Concrete input shape NAME:1x3x224x224 (dynamic dims default to 1)."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the ONNX Runtime comparison (checker still runs)."),
+    method_option: list[str] = typer.Option([], "--method-option", "-O", help="Method option KEY=VALUE (repeatable)."),
+    rw_edges: Optional[str] = typer.Option(None, "--rw-edges", help="graph-rw: regression or pairwise edges."),
+    lis: Optional[str] = typer.Option(None, "--lis", help="graph-rw: layer importance score, sum or max."),
+    layer_rates: Optional[str] = typer.Option(None, "--layer-rates", help="graph-rw: rmt, uniform or global."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no summary."),
+) -> None:
+    """Remove whole filters and residual blocks from MODEL and write a verified, smaller ONNX model."""
+    from compressor.api import compress as run_compress
+    from compressor.loading import parse_input_shapes
+
+    if method != "zeros" and ratio is None:
+        fail("--ratio is required for this method (a fraction in (0, 1))")
+    if not model.exists():
+        fail(f"model file not found: {model}")
+    if output.exists() and output.resolve() == model.resolve():
+        fail("output path is the input model: choose another -o")
+    if output.is_dir():
+        fail(f"output path is a directory: {output}")
+    options = _parse_method_options(method_option)
+    for key, value in (("rw_edges", rw_edges), ("lis", lis), ("layer_rates", layer_rates)):
+        if value is not None:
+            options[key] = value
+    shapes = parse_input_shapes(input_shape)
+    progress = _Progress(quiet)
+    try:
+        result = run_compress(model, method=method, ratio=ratio, target=target, round_to=round_to,
+                              min_channels=min_channels, exclude=tuple(exclude), seed=seed, input_shapes=shapes,
+                              verify=not no_verify, method_options=options, progress=progress.update)
+    finally:
+        progress.stop()
+    result.save(output)
+    if report is not None:
+        _write_json(report, result.report)
+    if not quiet:
+        print_summary(result.report, output)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    from compressor.api import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+class _Progress:
+    """A spinner on stderr naming the current stage (only on a terminal)."""
+
+    def __init__(self, quiet: bool):
+        self._status = None
+        if not quiet:
+            from rich.console import Console
+
+            console = Console(stderr=True)
+            if console.is_terminal:
+                self._status = console.status("loading")
+                self._status.start()
+
+    def update(self, stage: str) -> None:
+        if self._status is not None:
+            self._status.update(f"{stage}...")
+
+    def stop(self) -> None:
+        if self._status is not None:
+            self._status.stop()
