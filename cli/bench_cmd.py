@@ -1,0 +1,65 @@
+"""`compress bench`: latency and memory of ONNX models side by side, with a table, JSON, Markdown and a plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, help="Measure latency and memory of ONNX models with ONNX Runtime.")
+
+
+@app.command()
+def bench(
+    models: List[Path] = typer.Argument(..., help="ONNX models; ratios are reported against the first one."),
+    target: List[str] = typer.Option(
+        None, "--target", "-t",
+        help="cuda, cuda:N, cpu:T (T intra-op threads) or tensorrt; repeat for several "
+             "(default: cuda when onnxruntime has it, else cpu:1).",
+    ),
+    batch: List[int] = typer.Option([1], "--batch", "-b", help="Batch size; repeat for several."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the full report (all samples) as JSON."),
+    md_path: Optional[Path] = typer.Option(None, "--md", help="Write a Markdown report."),
+    plot_path: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG: latency against MACs (needs matplotlib)."),
+    cuda_graph: bool = typer.Option(False, "--cuda-graph", help="Replay a captured CUDA graph on GPU targets."),
+    pin: bool = typer.Option(False, "--pin", help="Pin each CPU session's process to T cores (Linux)."),
+    warmup: int = typer.Option(10, "--warmup", help="Untimed inferences per session before timing."),
+    runs: int = typer.Option(50, "--runs", help="Timed inferences per model, target and batch."),
+    rounds: int = typer.Option(5, "--rounds", help="Interleaved rounds the runs are spread over (A B A B ...)."),
+    input_shape: List[str] = typer.Option(
+        None, "--input-shape", help="NAME:1x3x224x224 for dynamic dims other than the batch; repeat per input."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random inputs."),
+) -> None:
+    """Benchmark ONNX models on CUDA, TensorRT and CPU targets (models interleaved round by round)."""
+    from compressor.bench import default_targets, parse_target, run_benchmark
+    from compressor.bench_report import plot_report, progress_bar
+    from compressor.loading import parse_input_shapes
+
+    targets = [parse_target(t) for t in target] if target else default_targets()
+    shapes = parse_input_shapes(input_shape)
+    if plot_path is not None:
+        _check_matplotlib()
+    with progress_bar() as progress:
+        report = run_benchmark([str(m) for m in models], targets, batch, warmup=warmup, runs=runs, rounds=rounds,
+                               input_shapes=shapes, seed=seed, cuda_graph=cuda_graph, pin=pin, progress=progress)
+    typer.echo(report.to_text())
+    if json_path is not None:
+        report.save_json(json_path)
+    if md_path is not None:
+        Path(md_path).write_text(report.to_markdown())
+    if plot_path is not None:
+        plot_report(report, plot_path)
+    for path in (json_path, md_path, plot_path):
+        if path is not None:
+            typer.echo(f"wrote {path}", err=True)
+
+
+def _check_matplotlib() -> None:
+    from compressor.errors import CompressorError
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise CompressorError("--plot needs matplotlib (pip install matplotlib)") from exc
