@@ -649,18 +649,28 @@ class _Job:
     source: str  # the path a session loads
 
 
+_COST_CACHE: dict[tuple, tuple[int | None, int | None]] = {}
+
+
 def _model_cost(model: ModelRef, specs: list[InputSpec]) -> tuple[int | None, int | None]:
-    """MACs and params per image from compressor.cost, or (None, None) while it is unavailable or cannot tell."""
+    """MACs and params per image from compressor.cost, or (None, None) where it cannot tell; cached per file."""
+    shapes = {spec.name: list(spec.shape) for spec in specs}
+    key = None
+    if not isinstance(model, onnx.ModelProto):
+        stat = os.stat(model)
+        key = (os.path.realpath(model), stat.st_mtime_ns, stat.st_size, json.dumps(shapes, sort_keys=True))
+        if key in _COST_CACHE:
+            return _COST_CACHE[key]
     try:
         from compressor.cost import model_cost
-    except ImportError:
-        return None, None
-    shapes = {spec.name: list(spec.shape) for spec in specs}
-    try:
+
         cost = model_cost(model, shapes)
+        result = (int(cost.macs), int(cost.params))
     except Exception:  # noqa: BLE001 - MACs are a column of the report, never a reason to refuse measuring
-        return None, None
-    return int(cost.macs), int(cost.params)
+        result = (None, None)
+    if key is not None:
+        _COST_CACHE[key] = result
+    return result
 
 
 def _prepare_jobs(models: list[ModelRef], names: list[str] | None, input_shapes: dict | None, scratch: str,
