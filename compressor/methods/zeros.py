@@ -25,9 +25,9 @@ def zero_units(analysis) -> np.ndarray:
         if cmap is None:
             nonzero[p.units] = True
             continue
-        zero = cmap.zero if len(cmap.zero) == len(p.units) else np.zeros(len(p.units), dtype=bool)
-        read[p.units] = True
-        np.logical_or.at(nonzero, p.units, ~zero)
+        # a mixing layer reads every position of its input tensor (grouped convs read a unit at several)
+        read[cmap.units] = True
+        np.logical_or.at(nonzero, cmap.units, ~cmap.zero)
     return read & ~nonzero
 
 
