@@ -11,8 +11,7 @@ import typer
 from cli.common import fail
 from cli.main import _usage_epilog
 
-app = typer.Typer(add_completion=False, rich_markup_mode=None, epilog=_usage_epilog(),
-                  context_settings={"help_option_names": ["-h", "--help"]})
+app = typer.Typer(add_completion=False, rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]})
 
 
 def _human(n: float) -> str:
@@ -54,7 +53,7 @@ def print_summary(report: dict, output: Path) -> None:
         typer.echo(f"  note: {note}")
 
 
-@app.command()
+@app.command(epilog=_usage_epilog())
 def compress(
     model: Path = typer.Argument(..., metavar="MODEL.onnx", help="Input ONNX model (never modified)."),
     method: str = typer.Option("l1", "--method", "-m", help="Scoring/planning method: zeros, l1, l2, random, graph-rw, ..."),
@@ -72,6 +71,8 @@ def compress(
     rw_edges: Optional[str] = typer.Option(None, "--rw-edges", help="graph-rw: regression or pairwise edges."),
     lis: Optional[str] = typer.Option(None, "--lis", help="graph-rw: layer importance score, sum or max."),
     layer_rates: Optional[str] = typer.Option(None, "--layer-rates", help="graph-rw: rmt, uniform or global."),
+    bench: list[str] = typer.Option([], "--bench", help="After compressing, measure original vs result on TARGET (cuda, cpu:T; repeatable)."),
+    bench_batch: int = typer.Option(1, "--bench-batch", help="Batch size for --bench."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no summary."),
 ) -> None:
     """Remove whole filters and residual blocks from MODEL and write a verified, smaller ONNX model."""
@@ -99,10 +100,18 @@ def compress(
     finally:
         progress.stop()
     result.save(output)
+    if bench:
+        from compressor.bench import run_benchmark
+
+        bench_report = run_benchmark([model, output], list(bench), [bench_batch], input_shapes=shapes or None,
+                                     names=["original", "compressed"])
+        result.report["bench"] = bench_report.to_dict()
     if report is not None:
         _write_json(report, result.report)
     if not quiet:
         print_summary(result.report, output)
+        if bench:
+            typer.echo(bench_report.to_text())
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -17,7 +17,7 @@ SUBCOMMANDS = {
 
 
 def _usage_epilog() -> str:
-    lines = ["Subcommands (compress SUBCOMMAND --help):"]
+    lines = ["\b", "Subcommands (compress SUBCOMMAND --help):"]
     lines += [f"  {name:<8} {text}" for name, (_, text) in SUBCOMMANDS.items()]
     return "\n".join(lines)
 

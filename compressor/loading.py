@@ -16,6 +16,7 @@ from onnx import numpy_helper
 from compressor.errors import CompressorError
 
 MIN_OPSET = 9
+FOLD_MAX_ELEMENTS = 4096  # fold run-time computations of constants up to this size (shape and pad arithmetic)
 
 
 def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
@@ -60,14 +61,17 @@ def normalize(proto: onnx.ModelProto) -> None:
     graph = proto.graph
     init_names = {t.name for t in graph.initializer}
     kept_inputs = [i for i in graph.input if i.name not in init_names]
+    if len(kept_inputs) != len(graph.input):
+        proto.ir_version = max(proto.ir_version, 4)  # IR 4 is the first that allows initializers outside inputs
     del graph.input[:]
     graph.input.extend(kept_inputs)
     del graph.value_info[:]
-    _fold_constant_producers(graph)
+    _fold_constant_producers(graph, default_opset(proto))
 
 
-def _fold_constant_producers(graph: onnx.GraphProto) -> None:
-    """Turn Constant, ConstantOfShape(const) and Identity(const) nodes into initializers, repeatedly."""
+def _fold_constant_producers(graph: onnx.GraphProto, opset: int | None = None) -> None:
+    """Turn Constant, ConstantOfShape(const) and Identity(const) nodes, and small computations on constants
+    (e.g. the pads or shapes an exporter computes at run time), into initializers, repeatedly."""
     consts: dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
     graph_outputs = {o.name for o in graph.output}
     changed = True
@@ -75,7 +79,7 @@ def _fold_constant_producers(graph: onnx.GraphProto) -> None:
         changed = False
         kept = []
         for node in graph.node:
-            value = _constant_value(node, consts)
+            value = _constant_value(node, consts, opset or 17)
             if value is not None and node.output[0] not in graph_outputs:
                 tensor = numpy_helper.from_array(value, node.output[0])
                 consts[node.output[0]] = tensor
@@ -88,9 +92,39 @@ def _fold_constant_producers(graph: onnx.GraphProto) -> None:
             graph.node.extend(kept)
 
 
-def _constant_value(node: onnx.NodeProto, consts: dict[str, onnx.TensorProto]) -> np.ndarray | None:
+def _constant_value(node: onnx.NodeProto, consts: dict[str, onnx.TensorProto], opset: int = 17) -> np.ndarray | None:
     if node.domain not in ("", "ai.onnx") or len(node.output) != 1:
         return None
+    value = _trivial_constant(node, consts)
+    if value is not None or node.op_type in ("Constant", "Identity", "ConstantOfShape"):
+        return value
+    inputs = [i for i in node.input if i]
+    if not inputs or any(i not in consts for i in inputs) or node.op_type in NEVER_FOLD:
+        return None
+    if sum(int(np.prod(consts[i].dims, dtype=np.int64)) for i in inputs) > FOLD_MAX_ELEMENTS:
+        return None
+    return _evaluate(node, consts, opset)
+
+
+NEVER_FOLD = ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli")
+
+
+def _evaluate(node: onnx.NodeProto, consts: dict[str, onnx.TensorProto], opset: int) -> np.ndarray | None:
+    from onnx.reference import ReferenceEvaluator
+
+    try:
+        feeds = {name: numpy_helper.to_array(consts[name]) for name in node.input if name}
+        inputs = [onnx.helper.make_tensor_value_info(n, consts[n].data_type, list(consts[n].dims)) for n in feeds]
+        graph = onnx.helper.make_graph([node], "fold", inputs, [onnx.ValueInfoProto(name=node.output[0])])
+        model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+        value = ReferenceEvaluator(model).run(None, feeds)[0]
+    except Exception:  # noqa: BLE001 - anything the reference runtime cannot fold stays a computation
+        return None
+    value = np.asarray(value)
+    return value if value.size <= FOLD_MAX_ELEMENTS else None
+
+
+def _trivial_constant(node: onnx.NodeProto, consts: dict[str, onnx.TensorProto]) -> np.ndarray | None:
     if node.op_type == "Constant":
         attr = node.attribute[0] if node.attribute else None
         if attr is None:
