@@ -1,4 +1,5 @@
-"""Model definitions for training and export: CIFAR ResNets with option-A shortcuts (He et al. 2016)."""
+"""Model definitions for training and export: CIFAR ResNets with option-A shortcuts (He et al. 2016), VGG-16-BN for
+CIFAR, torchvision classifiers (random init, never downloaded weights), and checkpoint loading."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 
 from compressor.errors import CompressorError
 
-CIFAR_RESNET_DEPTHS = {"resnet20": 3, "resnet32": 5, "resnet44": 7, "resnet56": 9, "resnet110": 18}
+CIFAR_RESNET_DEPTHS = {"resnet8": 1, "resnet20": 3, "resnet32": 5, "resnet44": 7, "resnet56": 9, "resnet110": 18}
 
 
 class PadShortcut(nn.Module):
@@ -72,16 +73,82 @@ class CifarResNet(nn.Module):
 
 
 def cifar_resnet(name: str, num_classes: int = 10) -> CifarResNet:
-    """A CIFAR ResNet by name: resnet20, resnet32, resnet44, resnet56 or resnet110."""
+    """A CIFAR ResNet by name: resnet8 (tests), resnet20, resnet32, resnet44, resnet56 or resnet110."""
     if name not in CIFAR_RESNET_DEPTHS:
         raise CompressorError(f"unknown CIFAR ResNet '{name}' (choose from: {', '.join(CIFAR_RESNET_DEPTHS)})")
     return CifarResNet(CIFAR_RESNET_DEPTHS[name], num_classes)
 
 
-def load_cifar_resnet_checkpoint(model: nn.Module, path: str | Path) -> dict:
-    """Load a published CIFAR ResNet checkpoint (legacy torch.save of {'state_dict': ...}, keys prefixed 'module.').
+CIFAR_VGG_CONFIGS = {
+    "vgg16_bn": (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"),
+}
+TORCHVISION_PREFIX = "tv:"
 
-    Returns the checkpoint's other entries (e.g. best_prec1).
+
+class CifarVGG(nn.Module):
+    """VGG with BN for 32x32 inputs: 3x3 conv+BN+ReLU stacks with 2x2 max pools, global pool, one linear layer."""
+
+    def __init__(self, config: tuple, num_classes: int = 10):
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_channels = 3
+        for item in config:
+            if item == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(in_channels, item, 3, 1, 1, bias=False), nn.BatchNorm2d(item), nn.ReLU(inplace=True)]
+                in_channels = item
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(in_channels, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
+        return self.classifier(out)
+
+
+def cifar_vgg(name: str = "vgg16_bn", num_classes: int = 10) -> CifarVGG:
+    """A CIFAR VGG by name (vgg16_bn)."""
+    if name not in CIFAR_VGG_CONFIGS:
+        raise CompressorError(f"unknown CIFAR VGG '{name}' (choose from: {', '.join(CIFAR_VGG_CONFIGS)})")
+    return CifarVGG(CIFAR_VGG_CONFIGS[name], num_classes)
+
+
+def torchvision_classifier(name: str, num_classes: int = 1000) -> nn.Module:
+    """A torchvision classification model by name (e.g. resnet18, mobilenet_v2), randomly initialized."""
+    try:
+        import torchvision
+    except Exception as exc:  # noqa: BLE001 - a torchvision built for another torch fails in many ways
+        raise CompressorError(f"torchvision is not usable here ({type(exc).__name__}: {exc})") from exc
+    try:
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    except ValueError as exc:
+        raise CompressorError(f"unknown torchvision model '{name}': {exc}") from exc
+
+
+def model_names() -> list[str]:
+    """Names build_model accepts (torchvision classifiers as tv:NAME)."""
+    return [*CIFAR_RESNET_DEPTHS, *CIFAR_VGG_CONFIGS, f"{TORCHVISION_PREFIX}NAME"]
+
+
+def build_model(name: str, num_classes: int = 10) -> nn.Module:
+    """A model by name: a CIFAR ResNet (resnet20..resnet110), a CIFAR VGG (vgg16_bn) or tv:NAME for torchvision."""
+    if name in CIFAR_RESNET_DEPTHS:
+        return cifar_resnet(name, num_classes)
+    if name in CIFAR_VGG_CONFIGS:
+        return cifar_vgg(name, num_classes)
+    if name.startswith(TORCHVISION_PREFIX):
+        return torchvision_classifier(name[len(TORCHVISION_PREFIX):], num_classes)
+    raise CompressorError(f"unknown model '{name}' (choose from: {', '.join(model_names())})")
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> dict:
+    """Load a checkpoint into the model: a published CIFAR ResNet checkpoint (legacy torch.save of
+    {'state_dict': ...}, keys prefixed 'module.') or one written by `compress train` (same layout, no prefix).
+
+    Returns the checkpoint's other entries (e.g. best_prec1, arch, metrics).
     """
     path = Path(path)
     if not path.is_file():
@@ -98,3 +165,6 @@ def load_cifar_resnet_checkpoint(model: nn.Module, path: str | Path) -> dict:
     if missing or unexpected:
         raise CompressorError(f"checkpoint {path} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return {k: v for k, v in ckpt.items() if k != "state_dict"}
+
+
+load_cifar_resnet_checkpoint = load_checkpoint  # the published checkpoints' loader, under its first name

@@ -1,0 +1,229 @@
+"""AMSC's sparse phase and its lambda search, depth first.
+
+Every trial starts from the same starting weights theta_hat, trains `sparse_epochs` at a constant learning rate with
+the proximal step, then measures validation top-1 and the MACs the engine removes from the export. Depth first (as
+the paper): lambda0 is chosen with lambda1 = 0, then lambda1 with lambda0 fixed. Rules:
+- accuracy: the largest lambda whose validation top-1 stays within `max_drop` points of the lambda = 0 trial
+  (in `both` mode with a `ratio`, the depth stage also keeps at most `ratio` of MACs removed);
+- ratio: the smallest lambda that removes at least `ratio` of the MACs.
+A log grid is tried first (automatic: spanning the lambdas that would zero the groups by shrinkage alone), extended by
+up to two points past its ends until the rule's boundary is bracketed, then refined by log-bisection `refine` times.
+The chosen trial's weights are kept; its zero groups become masks for the fine-tune without penalty.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from compressor.errors import CompressorError
+from compressor.training.amsc import AmscHooks, AmscStructure, amsc_structure, auto_grid, kill_lambdas, structure_masks
+from compressor.training.data import CifarData
+from compressor.training.distributed import DistContext
+from compressor.training.loop import LogFn, TrainConfig, evaluate, train
+from compressor.training.masks import ParameterMasks
+
+MeasureFn = Callable[[nn.Module], dict]  # -> {"macs_removed": fraction, ...} from the engine on the export
+EXTEND_STEPS = 2
+
+
+@dataclass
+class AmscOptions:
+    """Settings of AMSC's sparse phase (see the module docstring)."""
+
+    dims: str = "both"
+    weighting: str = "adaptive"
+    lambda_depth: float | None = None
+    lambda_width: float | None = None
+    search: bool = False
+    ratio: float | None = None
+    max_drop: float = 1.0
+    grid_points: int = 4
+    refine: int = 2
+    depth_grid: tuple[float, ...] | None = None
+    width_grid: tuple[float, ...] | None = None
+    sparse_epochs: int = 3
+    sparse_lr: float | None = None
+    penalty_in_loss: bool = False
+
+    def validate(self) -> None:
+        """Raise CompressorError on inconsistent settings."""
+        if self.ratio is not None and not 0.0 < self.ratio < 1.0:
+            raise CompressorError(f"AMSC ratio must be in (0, 1), got {self.ratio}")
+        if self.sparse_epochs < 1:
+            raise CompressorError("AMSC needs at least one sparse epoch")
+        if not self.search and not (self.lambda_depth or self.lambda_width):
+            raise CompressorError("AMSC needs --search or a positive --lambda-depth / --lambda-width")
+
+
+@dataclass
+class AmscOutcome:
+    """The chosen lambdas, every trial, the zero groups of the chosen weights and their masks."""
+
+    lambda_depth: float
+    lambda_width: float
+    trials: list[dict]
+    chosen: dict
+    counts: dict
+    masks: ParameterMasks
+    structure: AmscStructure
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def report(self) -> dict:
+        """JSON-able summary."""
+        return {"lambda_depth": self.lambda_depth, "lambda_width": self.lambda_width, "chosen": self.chosen,
+                "trials": self.trials, "weighting": self.structure.weighting, "seconds": self.seconds,
+                "notes": self.notes, **{k: v for k, v in self.counts.items() if k != "zero_filters_per_layer"}}
+
+
+class _Trials:
+    """Runs and remembers sparse trials from the starting weights."""
+
+    def __init__(self, model, data, structure, options, config, measure, ctx, log):
+        self.model, self.data, self.structure, self.options = model, data, structure, options
+        self.config, self.measure, self.ctx, self.log = config, measure, ctx, log
+        self.start = copy.deepcopy(model.state_dict())
+        self.records: dict[tuple[float, float], dict] = {}
+        self.states: dict[tuple[float, float], dict] = {}
+
+    def run(self, lambda_depth: float, lambda_width: float, stage: str) -> dict:
+        key = (float(lambda_depth), float(lambda_width))
+        if key in self.records:
+            return self.records[key]
+        started = time.perf_counter()
+        self.model.load_state_dict(self.start)
+        hooks = [AmscHooks(self.structure, *key, penalty_in_loss=self.options.penalty_in_loss)]
+        train(self.model, self.data, self.config, hooks, self.ctx)
+        counts = self.structure.counts()
+        record = {"stage": stage, "lambda_depth": key[0], "lambda_width": key[1],
+                  "val_top1": evaluate(self.model, self.data, "val", self.config.eval_batch_size, self.ctx),
+                  "blocks_zero": counts["blocks_zero"], "filters_zero": counts["filters_zero"]}
+        record.update({k: v for k, v in self.measure(self.model).items() if k in ("macs_removed", "macs_after", "params_after")})
+        record["seconds"] = round(time.perf_counter() - started, 2)
+        self.records[key] = record
+        self.states[key] = copy.deepcopy(self.model.state_dict())
+        if self.log:
+            self.log(f"amsc {stage}: lambda0 {key[0]:.4g} lambda1 {key[1]:.4g} -> val {record['val_top1']:.2f}%  "
+                     f"MACs -{100 * record['macs_removed']:.1f}%  blocks {record['blocks_zero']}  filters "
+                     f"{record['filters_zero']}  ({record['seconds']:.0f}s)")
+        return record
+
+
+def _boundary(run: Callable[[float], dict], grid: list[float], good: Callable[[dict], bool], want: str, refine: int,
+              extend: int = EXTEND_STEPS) -> tuple[float | None, float]:
+    """(the smallest (want='smallest') or largest good lambda or None, the largest lambda tried).
+
+    `good` must be monotone in lambda (true above a boundary for 'smallest', below it for 'largest'). After the grid,
+    up to `extend` more points continue the grid's log step past its end until the boundary is bracketed (e.g. no
+    lambda good yet, or the grid's first point already good for 'smallest'); then `refine` log-bisections."""
+    tried = {lam: good(run(lam)) for lam in sorted(set(grid))}
+    step = (max(tried) / min(tried)) ** (1 / (len(tried) - 1)) if len(tried) > 1 else 3.0
+    for _ in range(extend):
+        goods = [lam for lam, ok in tried.items() if ok]
+        if want == "smallest":
+            lam = max(tried) * step if not goods else (min(tried) / step if min(goods) == min(tried) else None)
+        else:
+            lam = min(tried) / step if not goods else (max(tried) * step if max(goods) == max(tried) else None)
+        if lam is None:
+            break
+        tried[lam] = good(run(lam))
+    for _ in range(refine):
+        goods = [lam for lam, ok in tried.items() if ok]
+        if not goods:
+            break
+        if want == "smallest":
+            edge = min(goods)
+            other = [lam for lam, ok in tried.items() if not ok and lam < edge]
+            partner = max(other) if other else None
+        else:
+            edge = max(goods)
+            other = [lam for lam, ok in tried.items() if not ok and lam > edge]
+            partner = min(other) if other else None
+        if partner is None:
+            break
+        mid = math.sqrt(edge * partner)
+        tried[mid] = good(run(mid))
+    goods = [lam for lam, ok in tried.items() if ok]
+    if not goods:
+        return None, max(tried)
+    return (min(goods) if want == "smallest" else max(goods)), max(tried)
+
+
+def run_amsc(model: nn.Module, data: CifarData, options: AmscOptions, config: TrainConfig, measure: MeasureFn,
+             ctx: DistContext | None = None, log: LogFn | None = None) -> AmscOutcome:
+    """AMSC's sparse phase on `model` (weights at return: the chosen trial's). The fine-tune is the caller's."""
+    options.validate()
+    started = time.perf_counter()
+    structure = amsc_structure(model, options.dims, options.weighting)
+    sparse = replace(config, epochs=options.sparse_epochs, schedule="constant", warmup_epochs=0.0, eval_every=0,
+                     lr=options.sparse_lr if options.sparse_lr is not None else config.lr)
+    trials = _Trials(model, data, structure, options, sparse, measure, ctx, log)
+    notes: list[str] = []
+    lr_sum = sparse.lr * data.steps_per_epoch(sparse.batch_size) * sparse.epochs
+    if not options.search:
+        chosen = (float(options.lambda_depth or 0.0), float(options.lambda_width or 0.0))
+        trials.run(*chosen, stage="fixed")
+    else:
+        chosen = _search(trials, structure, options, lr_sum, notes)
+    model.load_state_dict(trials.states[chosen])
+    counts = structure.counts()
+    outcome = AmscOutcome(chosen[0], chosen[1], list(trials.records.values()), trials.records[chosen], counts,
+                          structure_masks(structure), structure, round(time.perf_counter() - started, 2), notes)
+    return outcome
+
+
+def _search(trials: _Trials, structure: AmscStructure, options: AmscOptions, lr_sum: float, notes: list[str]):
+    ratio = options.ratio
+    use_depth = bool(structure.depth) and options.dims != "width-only"
+    use_width = bool(structure.width) and options.dims != "depth-only"
+    reference: dict | None = None
+
+    def within_drop(record: dict) -> bool:
+        nonlocal reference
+        if reference is None:
+            reference = trials.run(0.0, 0.0, "reference")
+        return record["val_top1"] >= reference["val_top1"] - options.max_drop
+
+    def reaches(record: dict) -> bool:
+        return record["macs_removed"] >= ratio - 1e-9
+
+    lambda_depth = 0.0
+    if use_depth:
+        grid = list(options.depth_grid or auto_grid(kill_lambdas(structure, "depth", lr_sum), options.grid_points))
+        if ratio is not None and not use_width:
+            good, want = reaches, "smallest"
+        elif ratio is not None:
+            good, want = (lambda r: within_drop(r) and r["macs_removed"] <= ratio + 1e-9), "largest"
+        else:
+            good, want = within_drop, "largest"
+        found, largest = _boundary(lambda lam: trials.run(lam, 0.0, "depth"), grid, good, want, options.refine)
+        lambda_depth = _fallback(found, largest, want, "depth", notes)
+    lambda_width = 0.0
+    if use_width:
+        grid = list(options.width_grid or auto_grid(kill_lambdas(structure, "width", lr_sum), options.grid_points))
+        good, want = (reaches, "smallest") if ratio is not None else (within_drop, "largest")
+        found, largest = _boundary(lambda lam: trials.run(lambda_depth, lam, "width"), grid, good, want,
+                                   options.refine)
+        lambda_width = _fallback(found, largest, want, "width", notes)
+    key = (float(lambda_depth), float(lambda_width))
+    if key not in trials.records:
+        trials.run(*key, stage="final")
+    return key
+
+
+def _fallback(found: float | None, largest: float, want: str, stage: str, notes: list[str]) -> float:
+    """The stage's lambda: the one found, else the largest tried (ratio rule) or 0 (accuracy rule), with a note."""
+    if found is not None:
+        return found
+    if want == "smallest":
+        notes.append(f"{stage} stage: no lambda reached the ratio; kept the largest tried ({largest:.4g})")
+        return largest
+    notes.append(f"{stage} stage: every lambda lost more than max-drop; no {stage} compression")
+    return 0.0

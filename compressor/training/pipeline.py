@@ -1,0 +1,245 @@
+"""`compress train` as a library call: load data and model, run a recipe (plain training, a mask from any engine
+method, AMSC or GSM), evaluate, and write OUT.pt, OUT.onnx, OUT.slim.onnx (checked against PyTorch) and OUT.json.
+
+Recipes (the sparse phase, then the fine-tune of `config.epochs` with the zero structures frozen):
+- none: train or fine-tune `config.epochs`;            - prune METHOD: plan on the export, mask, fine-tune;
+- amsc: sparse phase with lambda search (amsc_search), fine-tune;
+- gsm: `gsm_epochs` of GSM SGD (compressor.training.gsm), finalize to exact zeros, fine-tune.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from compressor.errors import CompressorError
+from compressor.training.amsc import amsc_structure
+from compressor.training.amsc_search import AmscOptions, run_amsc
+from compressor.training.data import DEFAULT_VAL_SIZE, CifarData, load_cifar10_data
+from compressor.training.distributed import DistContext, init_distributed, shutdown_distributed
+from compressor.training.export import export_and_slim, removed_macs_fraction
+from compressor.training.loop import LogFn, TrainConfig, TrainHooks, evaluate, train
+from compressor.training.masks import MaskHooks, ParameterMasks, conv_bn_pairs, plan_masks, zero_masks
+from compressor.training.models import build_model, load_checkpoint
+
+METHODS = ("none", "amsc", "gsm")
+OUT_SUFFIXES = (".slim.onnx", ".onnx", ".pt", ".json")
+
+
+@dataclass
+class TrainJob:
+    """Everything `compress train` needs; `out` is the prefix of the four output files."""
+
+    model: str
+    data: str
+    out: str
+    init: str | None = None
+    method: str = "none"
+    prune: str | None = None
+    ratio: float | None = None
+    config: TrainConfig = field(default_factory=TrainConfig)
+    amsc: AmscOptions = field(default_factory=AmscOptions)
+    gsm_mode: str = "structured"
+    gsm_epochs: int = 3
+    gsm_momentum: float = 0.98
+    gsm_decay: float = 1e-4
+    gsm_lr: float | None = None
+    limit: int | None = None
+    val_size: int = DEFAULT_VAL_SIZE
+    device: str = "auto"
+    exporter: str = "auto"
+    verify_images: int = 1000
+    num_classes: int = 10
+    command: str = ""
+
+    def validate(self) -> None:
+        """Raise CompressorError on inconsistent options."""
+        if self.method not in METHODS:
+            raise CompressorError(f"unknown training method '{self.method}' (choose from: {', '.join(METHODS)})")
+        if self.prune and self.method != "none":
+            raise CompressorError("--prune plans a mask for plain fine-tuning; it cannot be combined with --method")
+        if (self.prune or self.method == "gsm") and self.ratio is None:
+            raise CompressorError("--ratio is required with --prune and with --method gsm")
+        if self.exporter not in ("auto", "dynamo", "torchscript"):
+            raise CompressorError(f"unknown exporter '{self.exporter}' (auto, dynamo or torchscript)")
+
+
+def out_prefix(out: str | Path) -> Path:
+    """The output prefix: OUT given as OUT, OUT.onnx, OUT.pt or OUT.json all mean OUT."""
+    path = Path(out)
+    for suffix in OUT_SUFFIXES:
+        if path.name.endswith(suffix):
+            return path.with_name(path.name[: -len(suffix)])
+    return path
+
+
+class GsmHooks(TrainHooks):
+    """Training hook for GSM: its optimizer replaces SGD, and `finalize` leaves exact zeros at the end."""
+
+    def __init__(self, mode: str, ratio: float, momentum: float, decay: float, image_size: int = 32):
+        self.mode, self.ratio, self.momentum, self.decay, self.image_size = mode, ratio, momentum, decay, image_size
+        self.summary: dict | None = None
+        self.zero_filters: dict[str, list[int]] = {}
+
+    def make_optimizer(self, model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+        """The GSM optimizer; structured groups are the AMSC width groups (inner convs with their BN)."""
+        from compressor.training.gsm import build_gsm_optimizer, filter_groups_for
+
+        options = {"momentum": self.momentum, "decay": self.decay}
+        if self.mode == "structured":
+            width = amsc_structure(model, "width-only").width
+            options["filter_groups"] = filter_groups_for(model, [(w.conv, w.bn, w.consumer) for w in width],
+                                                         (1, 3, self.image_size, self.image_size))
+        return build_gsm_optimizer(model, self.mode, self.ratio, config.lr, image_size=self.image_size, **options)
+
+    def after_training(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        """Zero everything outside the top-Q and record GSM's summary."""
+        summary = optimizer.finalize()
+        self.zero_filters = dict(summary.zero_filters)
+        self.summary = summary.as_dict()
+        return {"gsm": self.summary}
+
+
+def _log_to(ctx: DistContext, log: LogFn | None) -> LogFn:
+    return log if (log and ctx.is_main) else (lambda _text: None)
+
+
+def run_job(job: TrainJob, data: CifarData | None = None, log: LogFn | None = print) -> dict:
+    """Run one `compress train` job; returns the metrics written to OUT.json (rank 0; other ranks get the same
+    training and an empty export section)."""
+    job.validate()
+    started = time.perf_counter()
+    ctx = init_distributed(job.device)
+    say = _log_to(ctx, log)
+    try:
+        data = data or load_cifar10_data(job.data, ctx.device, val_size=job.val_size, seed=job.config.seed,
+                                         limit=job.limit)
+        say(f"data: {data.sizes()} on {ctx.device} (decoded by {data.decoder}); {ctx.world_size} process(es)")
+        model = build_model(job.model, job.num_classes)
+        init_info = load_checkpoint(model, job.init) if job.init else {}
+        model.to(ctx.device)
+        metrics: dict = {"command": job.command, "model": job.model, "init": job.init, "method": job.method,
+                         "prune": job.prune, "ratio": job.ratio, "device": str(ctx.device), "world_size": ctx.world_size,
+                         "data": data.sizes(), "decoder": data.decoder, "config": job.config.as_dict(),
+                         "init_checkpoint": {k: v for k, v in init_info.items() if isinstance(v, (int, float, str))}}
+        if job.init:
+            metrics["init_val_top1"] = evaluate(model, data, "val", ctx=ctx)
+            metrics["init_test_top1"] = evaluate(model, data, "test", ctx=ctx)
+            say(f"init: val {metrics['init_val_top1']:.2f}%  test {metrics['init_test_top1']:.2f}%")
+        masks, sparse_report = _sparse_phase(job, model, data, ctx, say)
+        metrics.update(sparse_report)
+        hooks: list[TrainHooks] = [MaskHooks(masks)] if masks is not None and len(masks) else []
+        if masks is not None:
+            masks.apply(model)
+        result = train(model, data, job.config, hooks, ctx, say)
+        if masks is not None:
+            masks.apply(model)
+        metrics.update({"history": result.history, "train_seconds": round(result.seconds, 2), "steps": result.steps,
+                        "val_top1": evaluate(model, data, "val", ctx=ctx),
+                        "test_top1": evaluate(model, data, "test", ctx=ctx)})
+        say(f"final: val {metrics['val_top1']:.2f}%  test {metrics['test_top1']:.2f}%")
+        if ctx.is_main:
+            metrics.update(_write_outputs(job, model, data, metrics, say))
+            metrics["seconds"] = round(time.perf_counter() - started, 2)
+            _write_json(_json_path(job), metrics)
+        ctx.barrier()
+        return metrics
+    finally:
+        shutdown_distributed(ctx)
+
+
+def _json_path(job: TrainJob) -> Path:
+    prefix = out_prefix(job.out)
+    return prefix.with_name(prefix.name + ".json")
+
+
+def _sparse_phase(job: TrainJob, model: nn.Module, data: CifarData, ctx: DistContext,
+                  say: LogFn) -> tuple[ParameterMasks | None, dict]:
+    """The recipe's part before the fine-tune: the masks to freeze and what to report about it."""
+    workdir = out_prefix(job.out).parent
+    if job.prune:
+        planned = ctx.broadcast_object(plan_masks(model, job.prune, job.ratio, workdir=workdir) if ctx.is_main else None)
+        masks, report = planned
+        say(f"prune {job.prune}: plan removes {100 * report['macs_reduction']:.1f}% of MACs")
+        return masks, {"plan": report}
+    if job.method == "amsc":
+        amsc = replace(job.amsc, ratio=job.ratio if job.ratio is not None else job.amsc.ratio)
+
+        def measure(net: nn.Module) -> dict:
+            return ctx.broadcast_object(removed_macs_fraction(net, workdir) if ctx.is_main else None)
+
+        outcome = run_amsc(model, data, amsc, job.config, measure, ctx, say)
+        say(f"amsc: lambda0 {outcome.lambda_depth:.4g} lambda1 {outcome.lambda_width:.4g}: "
+            f"{outcome.counts['blocks_zero']} blocks, {outcome.counts['filters_zero']} filters zero")
+        return outcome.masks, {"amsc": outcome.report()}
+    if job.method == "gsm":
+        hooks = GsmHooks(job.gsm_mode, job.ratio, job.gsm_momentum, job.gsm_decay)
+        gsm_config = replace(job.config, epochs=job.gsm_epochs, schedule="constant", warmup_epochs=0.0,
+                             lr=job.gsm_lr if job.gsm_lr is not None else job.config.lr)
+        result = train(model, data, gsm_config, [hooks], ctx, say)
+        if job.gsm_mode == "structured":
+            masks = _filter_masks(model, hooks.zero_filters)
+        else:
+            masks = zero_masks(model, [n for n, p in model.named_parameters() if p.dim() > 1])
+        report = {"gsm": hooks.summary, "gsm_seconds": round(result.seconds, 2),
+                  "gsm_val_top1": evaluate(model, data, "val", ctx=ctx)}
+        return masks, report
+    return None, {}
+
+
+def _filter_masks(model: nn.Module, zero_filters: dict[str, list[int]]) -> ParameterMasks:
+    """Masks for whole zero filters (conv weight rows) and the gamma/beta of their BN."""
+    params = dict(model.named_parameters())
+    pairs = conv_bn_pairs(model)
+    keep: dict[str, torch.Tensor] = {}
+    for name, rows in zero_filters.items():
+        if not rows:
+            continue
+        targets = [name]
+        module = name.rsplit(".", 1)[0]
+        if module in pairs:
+            targets += [f"{pairs[module]}.weight", f"{pairs[module]}.bias"]
+        for target in targets:
+            mask = torch.ones(params[target].shape, dtype=torch.bool)
+            mask[torch.as_tensor(rows)] = False
+            keep[target] = mask
+    return ParameterMasks(keep)
+
+
+def _write_outputs(job: TrainJob, model: nn.Module, data: CifarData, metrics: dict, say: LogFn) -> dict:
+    """Rank 0: OUT.pt, OUT.onnx, OUT.slim.onnx (checked on real test images); returns the export metrics."""
+    prefix = out_prefix(job.out)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"arch": job.model, "num_classes": job.num_classes, "state_dict": state,
+                "val_top1": metrics["val_top1"], "test_top1": metrics["test_top1"]}, prefix.with_name(prefix.name + ".pt"))
+    reference = data.normalize(data.test_images[: job.verify_images]).cpu()
+    dynamo = None if job.exporter == "auto" else job.exporter == "dynamo"
+    report = export_and_slim(model, prefix, reference, dynamo=dynamo)
+    removed = [g for g in report.get("groups", []) if g["channels_after"] < g["channels_before"]]
+    filters = report["channels_removed_outside_blocks"]
+    say(f"export: MACs {report['macs_before']:,} -> {report['macs_after']:,} ({100 * report['macs_reduction']:.1f}% fewer), "
+        f"{len(report['blocks_removed'])} blocks and {filters} channels removed; slim ONNX = PyTorch within "
+        f"{report['slim_check']['max_abs_diff']:.2g} on {report['slim_check']['images']} test images")
+    keys = ("macs_before", "macs_after", "macs_reduction", "params_before", "params_after", "params_reduction",
+            "bytes_before", "bytes_after")
+    return {**{k: report[k] for k in keys}, "blocks_removed": len(report["blocks_removed"]),
+            "blocks_removed_names": report["blocks_removed"], "filters_removed": filters,
+            "channel_groups_pruned": [{k: g[k] for k in ("name", "channels_before", "channels_after")} for g in removed],
+            "export": {k: report[k] for k in ("exporter", "dense_onnx", "slim_onnx", "dense_check", "slim_check",
+                                              "export_seconds", "verified")}}
+
+
+def _write_json(path: Path, metrics: dict) -> None:
+    path.write_text(json.dumps(metrics, indent=2, default=_jsonable) + "\n")
+
+
+def _jsonable(value):
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
