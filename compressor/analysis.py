@@ -7,7 +7,7 @@ convs feeding one residual stream), the removable residual blocks, and everythin
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -149,19 +149,12 @@ class Analysis:
         tracer = Tracer(self.view, default_opset(proto) or 13)
         self._trace(tracer)
         self.tracer = tracer
-        roots = tracer.table.roots()
-        self.unit_roots = roots
-        for cmap in tracer.cmaps.values():
-            cmap.units = roots[cmap.units]
-        for p in tracer.params:
-            p.units = roots[p.units]
-        for term in tracer.mac_terms:
-            term.in_units = None if term.in_units is None else roots[term.in_units]
-            term.out_units = None if term.out_units is None else roots[term.out_units]
+        self.unit_roots = tracer.table.roots()
         self.cmaps = tracer.cmaps
         self.params = tracer.params
         self.mac_terms = tracer.mac_terms
         self.rewrites = tracer.rewrites
+        self._remap_to_roots()
         self._check_shared_params(tracer)
         self.groups = self._build_groups(tracer)
         self.unit_group = {int(u): g.index for g in self.groups for u in g.units}
@@ -205,13 +198,18 @@ class Analysis:
         roots = t.table.roots()
         if not np.array_equal(roots, self.unit_roots):
             self.unit_roots = roots
-            for cmap in self.cmaps.values():
-                cmap.units = roots[cmap.units]
-            for p in self.params:
-                p.units = roots[p.units]
-            for term in self.mac_terms:
-                term.in_units = None if term.in_units is None else roots[term.in_units]
-                term.out_units = None if term.out_units is None else roots[term.out_units]
+            self._remap_to_roots()
+
+    def _remap_to_roots(self) -> None:
+        """Replace every unit id held by channel maps, parameter slices and MAC terms with its root."""
+        roots = self.unit_roots
+        for cmap in self.cmaps.values():
+            cmap.units = roots[cmap.units]
+        for p in self.params:
+            p.units = roots[p.units]
+        for term in self.mac_terms:
+            term.in_units = None if term.in_units is None else roots[term.in_units]
+            term.out_units = None if term.out_units is None else roots[term.out_units]
 
     def _build_groups(self, t: Tracer) -> list[Group]:
         roots = self.unit_roots
@@ -303,8 +301,7 @@ class Analysis:
             if len(idx):
                 result.setdefault(p.init, {})[p.axis] = idx
         for name in self.dropped_nodes(plan):
-            node = next(n for n in self.view.nodes if n.name == name)
-            for inp in node.input:
+            for inp in self.view.by_name[name].input:
                 value = self.view.const(inp)
                 if value is not None and is_param(value):
                     result[inp] = {axis: np.arange(value.shape[axis]) for axis in range(value.ndim)}
@@ -378,4 +375,4 @@ def analyze(model, input_shapes: dict[str, list[int]] | None = None) -> Analysis
         raise CompressorError(f"unsupported graph: {exc}") from exc
 
 
-__all__ = ["Analysis", "Block", "ChannelMap", "Group", "MacTerm", "ParamSlice", "analyze", "field"]
+__all__ = ["Analysis", "Block", "ChannelMap", "Group", "MacTerm", "ParamSlice", "analyze"]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from compressor.graph import GraphView
 
 MAX_BRANCH_NODES = 400
@@ -73,8 +71,7 @@ def _branch_nodes(view: GraphView, skip: str, branch: str, join) -> set[str] | N
     if not members or not _reads(view, members, skip):
         return None
     for name in members:
-        node = next(n for n in view.nodes if n.name == name)
-        for out in node.output:
+        for out in view.by_name[name].output:
             if out in view.outputs:
                 return None
             for consumer in view.consumers.get(out, []):
@@ -86,5 +83,3 @@ def _branch_nodes(view: GraphView, skip: str, branch: str, join) -> set[str] | N
 def _reads(view: GraphView, members: set[str], tensor: str) -> bool:
     return any(c.name in members for c in view.consumers.get(tensor, []))
 
-
-__all__ = ["Block", "find_blocks", "np"]

@@ -46,6 +46,7 @@ class GraphView:
     proto: onnx.ModelProto
     shapes: dict[str, tuple[int, ...]]
     nodes: list[onnx.NodeProto] = field(init=False)
+    by_name: dict[str, onnx.NodeProto] = field(init=False)
     producer: dict[str, onnx.NodeProto] = field(init=False)
     consumers: dict[str, list[onnx.NodeProto]] = field(init=False)
     constants: dict[str, np.ndarray] = field(init=False)
@@ -58,6 +59,7 @@ class GraphView:
         self.inputs = {i.name for i in graph.input}
         self.outputs = {o.name for o in graph.output}
         self.nodes = topological_order(graph)
+        self.by_name = {node.name: node for node in self.nodes}
         self.producer = {}
         self.consumers = {}
         for node in self.nodes:

@@ -90,11 +90,14 @@ def plan_from_counts(analysis, scores: dict[int, np.ndarray], keep: dict[int, in
 
 def ensure_nonempty_tensors(analysis, plan: Plan, scores: dict[int, np.ndarray]) -> Plan:
     """Give back the best-scored unit of any tensor the plan would empty completely."""
+    def score(unit: int) -> float:
+        group = analysis.unit_group[unit]
+        return float(scores[group][analysis.unit_local[unit]]) if group in scores else 0.0
+
     removed = analysis.removed_mask(plan)
     for units in analysis.tensor_units():
         if len(units) and removed[units].all():
-            best = max(units.tolist(), key=lambda u: scores.get(analysis.unit_group[u], np.zeros(1))[analysis.unit_local[u]]
-                       if analysis.unit_group.get(u) in scores else 0.0)
+            best = max(units.tolist(), key=score)
             g, i = analysis.unit_group[best], analysis.unit_local[best]
             plan.removed[g] = plan.removed[g][plan.removed[g] != i]
             removed[best] = False

@@ -169,7 +169,7 @@ def conv_transpose(t: "Tracer", node) -> None:
     weight = t.view.const(node.input[1])
     cmap = t.cmap(node.input[0])
     groups = attr(node, "group", 1)
-    if weight is None or groups != 1 or attr(node, "output_shape") is not None and cmap is not None and cmap.axis != 1:
+    if weight is None or groups != 1 or (cmap is not None and cmap.axis != 1):
         if cmap is not None:
             t.block(cmap.units, f"ConvTranspose '{node.name}' is grouped or has non-constant weights")
         t.macs(node, None, None)
@@ -371,18 +371,13 @@ def slice_(t: "Tracer", node) -> None:
     if cmap is None:
         return
     rank = t.rank(node.input[0])
-    consts = [t.view.const(n) if len(node.input) > i and node.input[i] else None for i, n in enumerate(list(node.input) + [""] * 5) if 1 <= i <= 4]
-    if len(node.input) >= 3:
-        starts, ends = consts[0], consts[1]
-        axes = consts[2] if len(node.input) > 3 and node.input[3] else None
-        steps = consts[3] if len(node.input) > 4 and node.input[4] else None
-        if starts is None or ends is None or (len(node.input) > 3 and node.input[3] and axes is None) or (
-            len(node.input) > 4 and node.input[4] and steps is None
-        ):
-            return t.block_inputs(node, "non-constant slice bounds")
+    if len(node.input) < 3:
+        starts, ends, axes, steps = np.array(attr(node, "starts")), np.array(attr(node, "ends")), attr(node, "axes"), None
     else:
-        starts, ends, axes, steps = (np.array(attr(node, "starts")), np.array(attr(node, "ends")),
-                                     attr(node, "axes"), None)
+        operands = [node.input[i] if len(node.input) > i else "" for i in range(1, 5)]
+        starts, ends, axes, steps = (t.view.const(name) if name else None for name in operands)
+        if any(name and value is None for name, value in zip(operands, (starts, ends, axes, steps))):
+            return t.block_inputs(node, "non-constant slice bounds")
     axes = np.arange(len(starts)) if axes is None else np.asarray(axes) % rank
     steps = np.ones(len(starts), dtype=np.int64) if steps is None else np.asarray(steps)
     hit = np.nonzero(axes == cmap.axis)[0]
@@ -496,12 +491,10 @@ def flatten_or_reshape(t: "Tracer", node) -> None:
         return t.block_inputs(node, "reshape splits or moves the channel axis")
     block_size = out_shape[k] // channels
     post = int(np.prod(in_shape[c + 1:], dtype=np.int64))
-    if post % block_size or int(np.prod(in_shape[c + 1:], dtype=np.int64)) // block_size != int(np.prod(out_shape[k + 1:], dtype=np.int64)):
+    if post % block_size or post // block_size != int(np.prod(out_shape[k + 1:], dtype=np.int64)):
         return t.block_inputs(node, "reshape mixes channels with other dims")
-    inner = int(np.prod(in_shape[c + 1:], dtype=np.int64))
     if block_size > 1 and not _merges_leading_dims(in_shape[c + 1:], block_size):
         return t.block_inputs(node, "reshape interleaves channels")
-    del inner
     units = np.repeat(cmap.units, block_size)
     zero = np.repeat(cmap.zero, block_size)
     t.set(node.output[0], k, units, zero)
