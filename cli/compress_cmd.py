@@ -49,6 +49,12 @@ def print_summary(report: dict, output: Path) -> None:
                    f"(tolerance {report['tolerance']:.3g}), {report['max_abs_diff_vs_original']:.3g} vs original")
     else:
         typer.echo("  verification skipped (--no-verify): checker and shape inference passed")
+    latency = report.get("latency")
+    if latency:
+        typer.echo(f"  latency on {latency['device']} batch {latency['batch']}: budget {latency['budget_ms']:.4g} ms, "
+                   f"predicted {latency['predicted_ms']:.4g} ms, measured {latency['measured_before_ms']:.4g} -> "
+                   f"{latency['measured_after_ms']:.4g} ms (x{latency['measured_speedup']:.2f}), predictor error "
+                   f"{latency['predictor_error']:+.1%}{'  [over 10%]' if latency['flagged'] else ''}")
     for note in report["notes"]:
         typer.echo(f"  note: {note}")
 
@@ -60,7 +66,7 @@ def compress(
     ratio: Optional[float] = typer.Option(None, "--ratio", "-r", help="Fraction of --target to remove, in (0, 1). Not used by zeros."),
     output: Path = typer.Option(..., "--output", "-o", help="Output ONNX path (written atomically)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the JSON report here."),
-    target: str = typer.Option("macs", "--target", help="What --ratio removes: macs or params."),
+    target: str = typer.Option("macs", "--target", help="What --ratio removes: macs, params or latency (measured on --device at --batch)."),
     round_to: int = typer.Option(1, "--round-to", help="Kept channel counts are multiples of N where the layer is wide enough."),
     min_channels: int = typer.Option(1, "--min-channels", help="Keep at least this many channels per group."),
     exclude: list[str] = typer.Option([], "--exclude", help="Never prune groups/blocks whose node or weight name matches (glob or substring)."),
@@ -71,6 +77,10 @@ def compress(
     rw_edges: Optional[str] = typer.Option(None, "--rw-edges", help="graph-rw: regression or pairwise edges."),
     lis: Optional[str] = typer.Option(None, "--lis", help="graph-rw: layer importance score, sum or max."),
     layer_rates: Optional[str] = typer.Option(None, "--layer-rates", help="graph-rw: rmt, uniform or global."),
+    device: Optional[str] = typer.Option(None, "--device", help="--target latency: where latency is measured, cuda[:N] or cpu:T (default: cuda if available, else cpu:1)."),
+    batch: Optional[int] = typer.Option(None, "--batch", help="--target latency: the deployed batch size (default 1)."),
+    latency_ms: Optional[float] = typer.Option(None, "--latency-ms", help="--target latency: an absolute budget in ms instead of --ratio."),
+    profile_budget: Optional[float] = typer.Option(None, "--profile-budget", help="--target latency: at most this many seconds of latency profiling (coarser tables when short)."),
     bench: list[str] = typer.Option([], "--bench", help="After compressing, measure original vs result on TARGET (cuda, cpu:T; repeatable)."),
     bench_batch: int = typer.Option(1, "--bench-batch", help="Batch size for --bench."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no summary."),
@@ -79,7 +89,9 @@ def compress(
     from compressor.api import compress as run_compress
     from compressor.loading import parse_input_shapes
 
-    if method != "zeros" and ratio is None:
+    if ratio is not None and latency_ms is not None:
+        fail("give either --ratio or --latency-ms, not both")
+    if method != "zeros" and ratio is None and latency_ms is None:
         fail("--ratio is required for this method (a fraction in (0, 1))")
     if not model.exists():
         fail(f"model file not found: {model}")
@@ -96,7 +108,8 @@ def compress(
     try:
         result = run_compress(model, method=method, ratio=ratio, target=target, round_to=round_to,
                               min_channels=min_channels, exclude=tuple(exclude), seed=seed, input_shapes=shapes,
-                              verify=not no_verify, method_options=options, progress=progress.update)
+                              verify=not no_verify, method_options=options, progress=progress.update, device=device,
+                              batch=batch, latency_ms=latency_ms, profile_budget=profile_budget)
     finally:
         progress.stop()
     result.save(output)

@@ -6,7 +6,7 @@ import os
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -18,6 +18,7 @@ from compressor.analysis import Analysis, analyze
 from compressor.cost import ModelCost, view_cost
 from compressor.errors import CompressorError, VerificationError
 from compressor.graph import GraphView
+from compressor.latency import check_latency, flag_note, plan_for_latency, resolve_request
 from compressor.plan import Plan, PlanOptions
 from compressor.shapes import infer_shapes
 from compressor.surgery import apply_plan, zeroed_reference
@@ -103,22 +104,32 @@ def _cost_of(proto: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> Mode
 
 def compress(model, method: str = "l1", ratio: float | None = 0.5, *, target: str = "macs", round_to: int = 1,
              min_channels: int = 1, exclude=(), seed: int = 0, input_shapes: dict[str, list[int]] | None = None,
-             verify: bool = True, method_options: dict | None = None, progress: Progress | None = None) -> CompressResult:
+             verify: bool = True, method_options: dict | None = None, progress: Progress | None = None,
+             device: str | None = None, batch: int | None = None, latency_ms: float | None = None,
+             profile_budget: float | None = None) -> CompressResult:
     """Compress `model` (a path or an onnx.ModelProto) with a registered method.
 
     ratio is the fraction of `target` (macs or params) to remove; `zeros` ignores it. Raises CompressorError on
     bad input and VerificationError when the result does not match its reference.
+    target="latency" removes `ratio` of the latency measured on `device` (cuda[:N] or cpu:T) at `batch`, or meets
+    `latency_ms` (which wins over ratio); `profile_budget` bounds the profiling seconds. The method supplies the
+    importance, compressor.latency the cost; the report's "latency" section holds predicted vs measured latency.
     """
     start = time.perf_counter()
     timings: dict[str, float] = {}
     plan_fn = methods.get(method)
+    latency = resolve_request(target, ratio, device, batch, latency_ms, profile_budget)
     options = PlanOptions(ratio, target, round_to, min_channels, tuple(exclude or ()), seed, dict(method_options or {}))
-    options.validate(needs_ratio=method != "zeros")
+    if latency is None:
+        options.validate(needs_ratio=method != "zeros")
+    else:
+        replace(options, target="macs").validate(needs_ratio=latency.latency_ms is None)
     with _stage(timings, "analyze", progress):
         analysis = analyze(model, input_shapes)
     original_bytes = analysis.proto.ByteSize()
     with _stage(timings, "plan", progress):
-        plan = plan_fn(analysis, options)
+        planned = None if latency is None else plan_for_latency(analysis, method, options, latency, progress)
+        plan = plan_fn(analysis, options) if planned is None else planned.plan
     if plan.is_empty() and method != "zeros":
         raise CompressorError("nothing prunable: the plan removes no channel and no block")
     with _stage(timings, "surgery", progress):
@@ -134,6 +145,11 @@ def compress(model, method: str = "l1", ratio: float | None = 0.5, *, target: st
     with _stage(timings, "report", progress):
         after = _cost_of(result, analysis.input_shapes)
         report = build_report(analysis, plan, options, method, after, original_bytes, result.ByteSize(), verification)
+    if planned is not None:
+        with _stage(timings, "latency check", progress):
+            report["latency"] = {**planned.info, **check_latency(analysis.proto, result, planned, latency,
+                                                                 analysis.input_shapes)}
+            report["notes"] += [n for n in [flag_note(report["latency"])] if n]
     report["seconds"] = round(time.perf_counter() - start, 3)
     report["stage_seconds"] = timings
     return CompressResult(result, report, plan, analysis, timings)

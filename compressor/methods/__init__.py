@@ -1,6 +1,8 @@
 """Method registry: a method scores and plans, it never edits graphs. A new method is one module here.
 
 A method is a function `plan(analysis, options) -> Plan` registered under a name with `@register("name")`.
+A method may also expose its per-unit importance, `scores(analysis, options) -> {group index: array of unit scores}`,
+with `@register_scores("name")`: `--target latency` allocates with those scores instead of the method's plan.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ if TYPE_CHECKING:
     from compressor.plan import Plan, PlanOptions
 
 MethodFn = Callable[["Analysis", "PlanOptions"], "Plan"]
+ScoresFn = Callable[["Analysis", "PlanOptions"], dict]
 
 _REGISTRY: dict[str, MethodFn] = {}
+_SCORES: dict[str, ScoresFn] = {}
 _BUILTIN_MODULES = ("zeros", "norms", "random_method", "graph_rw")
 
 
@@ -28,6 +32,22 @@ def register(name: str) -> Callable[[MethodFn], MethodFn]:
         return fn
 
     return decorator
+
+
+def register_scores(name: str) -> Callable[[ScoresFn], ScoresFn]:
+    """Register the per-unit scoring function of method `name`."""
+
+    def decorator(fn: ScoresFn) -> ScoresFn:
+        _SCORES[name] = fn
+        return fn
+
+    return decorator
+
+
+def get_scores(name: str) -> ScoresFn | None:
+    """The scoring function method `name` registered, or None when it has none."""
+    _load_builtins()
+    return _SCORES.get(name)
 
 
 def _load_builtins() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from compressor.methods import register
+from compressor.methods import register, register_scores
 from compressor.plan import Plan, PlanOptions, allocate, prunable_groups
 
 
@@ -24,6 +24,18 @@ def group_norm_scores(analysis, order: int) -> dict[int, np.ndarray]:
             np.add.at(total, local[valid], norms[valid])
         scores[group.index] = total if order == 1 else np.sqrt(total)
     return scores
+
+
+@register_scores("l1")
+def scores_l1(analysis, options: PlanOptions) -> dict[int, np.ndarray]:
+    """L1 group norms (the importance `l1` prunes by)."""
+    return group_norm_scores(analysis, 1)
+
+
+@register_scores("l2")
+def scores_l2(analysis, options: PlanOptions) -> dict[int, np.ndarray]:
+    """L2 group norms (the importance `l2` prunes by)."""
+    return group_norm_scores(analysis, 2)
 
 
 @register("l1")

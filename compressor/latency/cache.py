@@ -1,0 +1,98 @@
+"""The on-disk latency cache: measured milliseconds per model structure, one JSON file per measuring context.
+
+A context is what makes a measurement valid elsewhere: the target (cuda:N or cpu:T), the batch size, the ONNX
+Runtime version and the device's name (GPU name, or CPU model). Entries are keyed by `micro.structure_key` of the
+measured model (the layer signature: ops, attributes, shapes; no names or weights), so the same layer in another
+model, or in a second run, is never measured twice.
+
+Location: `cache_dir` when given, else `$COMPRESSOR_CACHE/latency`, else `~/.cache/compressor/latency`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+
+from compressor.errors import CompressorError
+
+
+def default_cache_dir() -> Path:
+    """$COMPRESSOR_CACHE/latency, or ~/.cache/compressor/latency."""
+    root = os.environ.get("COMPRESSOR_CACHE")
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "compressor") / "latency"
+
+
+def device_name(target) -> str:
+    """A human name of the device behind `target`: the GPU's name for cuda targets, the CPU model for cpu ones."""
+    from compressor.bench_report import _cpu_model, _gpu_description
+
+    if target.on_gpu:
+        name = _gpu_description(target.device_id).get("name")
+        return name or f"unknown GPU {target.device_id}"
+    return _cpu_model() or "unknown CPU"
+
+
+def context_of(target, batch: int) -> dict[str, str | int]:
+    """The measuring context: target, batch, ONNX Runtime version, device name."""
+    import onnxruntime as ort
+
+    return {"target": target.label, "batch": int(batch), "onnxruntime": ort.__version__, "device": device_name(target)}
+
+
+class LatencyCache:
+    """Measured milliseconds per structure key for one context; reads once, writes through (atomically)."""
+
+    def __init__(self, context: dict, cache_dir: str | os.PathLike | None = None):
+        self.context = dict(context)
+        self.folder = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        slug = "-".join(re.sub(r"[^A-Za-z0-9.]+", "_", str(self.context[k])).strip("_")
+                        for k in ("target", "batch", "onnxruntime", "device"))
+        self.path = self.folder / f"{slug}.json"
+        self.entries: dict[str, dict] = self._read()
+        self.hits = 0
+        self.misses = 0
+
+    def _read(self) -> dict[str, dict]:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError):
+            return {}  # a damaged cache is re-measured, never trusted
+        if data.get("context") != self.context:
+            return {}
+        return dict(data.get("entries", {}))
+
+    def get(self, key: str) -> float | None:
+        """Cached milliseconds for `key`, or None."""
+        entry = self.entries.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        return float(entry["ms"])
+
+    def put(self, key: str, ms: float, what: str = "") -> None:
+        """Record a measurement (kept in memory; `flush` writes)."""
+        self.entries[key] = {"ms": float(ms), "what": what, "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        self._dirty = True
+
+    def flush(self) -> None:
+        """Merge this context's entries into the file (other processes' entries are kept)."""
+        if not getattr(self, "_dirty", False):
+            return
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            merged = {**self._read(), **self.entries}
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.folder)
+            with os.fdopen(fd, "w") as handle:
+                json.dump({"context": self.context, "entries": merged}, handle, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            raise CompressorError(f"cannot write the latency cache {self.path}: {exc.strerror or exc} "
+                                  "(set COMPRESSOR_CACHE to a writable folder)") from exc
+        self._dirty = False

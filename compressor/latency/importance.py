@@ -1,0 +1,89 @@
+"""Importance for the latency allocation: the method's per-unit scores, made comparable across groups.
+
+Scores come from the method's registered scorer (compressor.methods.get_scores). graph-rw registers none, so its
+random-walk scores π are taken through its `score_groups` (its layer rates are replaced by the latency allocation);
+any other method without a scorer falls back to l1 norms, and the report says so.
+
+Comparability: a method ranks the units *within* a group; the allocation trades units *across* groups and blocks.
+Each unit's value is its score divided by its group's mean score, so every group is worth about its width and a unit
+of below-average score is worth less than one channel (the "a channel is a channel" assumption of uniform-rate MAC
+pruning, refined by the method's ranking inside each group).
+
+Diminishing returns: with values linear in the kept units, a knapsack answers with corners (a few groups cut to the
+floor, the others untouched) whenever scores are flat, as they are for untrained weights; cutting a layer to a
+sliver is what hurts accuracy most. So the k-th best unit of a group of n is weighted by 2·(1 − (k − ½)/n): a
+group's kept value at kept fraction f is ≈ n·(1 − (1 − f)²), its damage quadratic in the removed fraction. The
+first channels to go are nearly free, each further one costs more; at equal latency per channel the allocation is
+the uniform one, and it cuts deeper where channels cost more time.
+
+Blocks: a residual block's importance is the value of the groups that live only inside its branch, at their
+current widths: dropping the branch is exactly pruning those groups to zero width (the join then adds nothing to
+its skip), so narrowing and dropping are priced in the same currency and the allocation moves between them freely.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from compressor.errors import CompressorError
+
+
+def method_scores(method: str, analysis, options, groups: list[int]) -> tuple[dict[int, np.ndarray], str | None]:
+    """Per-unit scores of `groups` from `method`, and a note when they come from an adapter or a fallback."""
+    from compressor import methods
+
+    methods.get(method)  # an unknown method fails here with the list of choices
+    if method == "zeros":
+        raise CompressorError("--target latency needs a scoring method (l1, l2, random, graph-rw, ...): "
+                              "zeros only removes what is already zero")
+    scorer = methods.get_scores(method) if hasattr(methods, "get_scores") else None
+    if scorer is not None:
+        return _checked(scorer(analysis, options), analysis, groups), None
+    if method == "graph-rw":
+        try:
+            from compressor.methods import graph_rw
+
+            scores, _ = graph_rw.score_groups(analysis, groups, graph_rw.parse_graph_rw_options(options.extra))
+            return _checked(scores, analysis, groups), ("graph-rw: random-walk filter scores from score_groups; its "
+                                                        "layer rates are replaced by the latency allocation")
+        except (ImportError, AttributeError, TypeError) as exc:
+            reason = f"graph-rw exposes no usable scores ({type(exc).__name__})"
+    else:
+        reason = f"method '{method}' registers no scores function"
+    from compressor.methods.norms import group_norm_scores
+
+    return _checked(group_norm_scores(analysis, 1), analysis, groups), f"{reason}: l1 filter norms used as importance"
+
+
+def _checked(scores: dict[int, np.ndarray], analysis, groups: list[int]) -> dict[int, np.ndarray]:
+    out = {}
+    for g in groups:
+        size = analysis.groups[g].size
+        value = np.asarray(scores.get(g, np.ones(size)), dtype=np.float64).reshape(-1)
+        if value.shape != (size,):
+            raise CompressorError(f"scores of group {g} have {value.size} entries for {size} channels")
+        out[g] = np.nan_to_num(value, nan=0.0, posinf=0.0, neginf=0.0)
+    return out
+
+
+def unit_values(scores: np.ndarray) -> np.ndarray:
+    """Scores scaled to mean 1 over the group (shifted to be non-negative first); all ones when they are all zero."""
+    s = np.asarray(scores, dtype=np.float64)
+    if len(s) and s.min() < 0:
+        s = s - s.min()
+    mean = float(s.mean()) if len(s) else 0.0
+    return s / mean if mean > 0 else np.ones_like(s)
+
+
+def kept_value(values: np.ndarray, prunable: np.ndarray, widths) -> np.ndarray:
+    """Importance kept at each width: every blocked unit, plus the best (width − blocked) prunable units (those
+    plan_from_counts keeps: it removes the lowest-scored prunable units first), the k-th kept unit weighted by
+    2·(1 − (k − ½)/n) (see the module docstring)."""
+    n = len(values)
+    n_blocked = int((~prunable).sum())
+    ranked = np.sort(values[prunable])[::-1]
+    position = (n_blocked + np.arange(len(ranked)) + 0.5) / max(n, 1)
+    prefix = np.concatenate([[0.0], np.cumsum(ranked * 2.0 * (1.0 - position))])
+    blocked_total = float((values[~prunable] * 2.0 * (1.0 - (np.arange(n_blocked) + 0.5) / max(n, 1))).sum())
+    take = np.clip(np.asarray(widths, dtype=np.int64) - n_blocked, 0, len(ranked))
+    return blocked_total + prefix[take]

@@ -1,0 +1,97 @@
+"""What a latency-targeted compression asks for: device, batch, budget, profiling limits; validated up front."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+from compressor.errors import CompressorError
+
+LATENCY_TARGET = "latency"
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    """How each micro-model and the whole model are timed (medians of timed runs after a warm-up).
+
+    The number of timed runs adapts to the layer: enough to fill about `seconds_per_point` of timing, between
+    `min_runs` and `max_runs`. `max_level` bounds the grid refinement (see table.LEVEL_FRACTIONS). The whole network
+    is timed for about `calibration_seconds` (`calibration_runs` to 10x as many runs).
+    """
+
+    warmup: int = 3
+    min_runs: int = 5
+    max_runs: int = 40
+    seconds_per_point: float = 0.15
+    calibration_runs: int = 10
+    calibration_seconds: float = 2.0
+    max_level: int = 2
+    check_warmup: int | None = None  # the after-surgery check (None: 20 on GPUs, 3 on CPUs)
+    check_runs: int | None = None  # (None: 200 on GPUs, 20 on CPUs)
+
+
+@dataclass(frozen=True)
+class LatencyRequest:
+    """A validated `--target latency` request.
+
+    target: a compressor.bench.Target (cuda:N or cpu:T); batch: the deployed batch size; ratio: fraction of the
+    measured latency to remove, or latency_ms: an absolute budget (which wins when both are given);
+    profile_budget_s: a bound on profiling time (None: no bound); cache_dir: where the latency table is cached
+    (None: $COMPRESSOR_CACHE/latency or ~/.cache/compressor/latency).
+    """
+
+    target: object
+    batch: int = 1
+    ratio: float | None = 0.5
+    latency_ms: float | None = None
+    profile_budget_s: float | None = None
+    cache_dir: str | os.PathLike | None = None
+    settings: ProfileSettings = field(default_factory=ProfileSettings)
+
+    @property
+    def copies(self) -> int:
+        """Side-by-side copies per micro-model: 3 on GPUs at small batches, where a layer's kernel overlaps the
+        next launch inside a network and a lone kernel would be timed with its launch in series; else 1."""
+        return 3 if self.target.on_gpu and self.batch <= 4 else 1
+
+    def to_dict(self) -> dict:
+        """JSON-ready form for reports."""
+        return {"device": self.target.label, "batch": self.batch, "ratio": None if self.latency_ms else self.ratio,
+                "latency_ms": self.latency_ms, "profile_budget_s": self.profile_budget_s}
+
+
+def resolve_request(target: str, ratio: float | None, device: str | None, batch: int | None, latency_ms: float | None,
+                    profile_budget: float | None, cache_dir=None, settings: ProfileSettings | None = None
+                    ) -> LatencyRequest | None:
+    """The LatencyRequest for target 'latency' (None for other targets); CompressorError for bad or misplaced
+    options. device defaults to cuda when this onnxruntime has it, else cpu:1; batch defaults to 1."""
+    from compressor.bench import check_provider_available, default_targets, parse_target
+
+    from compressor.plan import TARGETS
+
+    if target not in (*TARGETS, LATENCY_TARGET):
+        raise CompressorError(f"--target must be one of {', '.join((*TARGETS, LATENCY_TARGET))}, got '{target}'")
+    given = [name for name, value in (("--device", device), ("--batch", batch), ("--latency-ms", latency_ms),
+                                      ("--profile-budget", profile_budget)) if value is not None]
+    if target != LATENCY_TARGET:
+        if given:
+            raise CompressorError(f"{', '.join(given)} only apply with --target latency (got --target {target})")
+        return None
+    parsed = parse_target(device) if device is not None else default_targets()[0]
+    if parsed.kind not in ("cuda", "cpu"):
+        raise CompressorError(f"--target latency profiles on cuda[:N] or cpu:T, not '{parsed.label}'")
+    check_provider_available(parsed)
+    batch = 1 if batch is None else batch
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        raise CompressorError(f"--batch must be a positive integer, got {batch}")
+    if latency_ms is not None:
+        if not isinstance(latency_ms, (int, float)) or not math.isfinite(latency_ms) or latency_ms <= 0:
+            raise CompressorError(f"--latency-ms must be a positive number of milliseconds, got {latency_ms}")
+    elif ratio is None or not 0.0 < ratio < 1.0:
+        raise CompressorError(f"--target latency needs --ratio in (0, 1) or --latency-ms, got ratio {ratio}")
+    if profile_budget is not None and (not math.isfinite(profile_budget) or profile_budget <= 0):
+        raise CompressorError(f"--profile-budget must be a positive number of seconds, got {profile_budget}")
+    return LatencyRequest(parsed, batch, ratio, None if latency_ms is None else float(latency_ms),
+                          None if profile_budget is None else float(profile_budget), cache_dir,
+                          settings or ProfileSettings())

@@ -1,0 +1,364 @@
+"""The latency model of a network on one target: measured per-item tables plus a calibrated residual.
+
+Model. The latency of the network under a plan is predicted as
+
+    predicted_ms = scale · Σ_{items alive} T_item(kept widths of its groups) + offset_ms
+
+where an item (micro.py) is one layer with its fused followers or one residual join, and is alive unless a block
+containing it is dropped. T_item is measured in isolation as a micro-model, with the same ONNX Runtime session
+options as `compress bench` (compressor.bench.SessionRunner), at a grid of kept widths, minus the cost of an empty
+session run; between grid widths it is interpolated (multilinear in the widths of its groups).
+
+Calibration. Isolated layers do not add up exactly to the network (kernel launches overlap on GPUs, fused and
+unfused ops, the ops no item holds, the session's own overhead), so the network itself is measured twice: whole,
+and with every droppable residual branch removed (its skeleton). The two points fix `scale` and `offset_ms`, so the
+model reproduces both measurements exactly and is linear in between — the direction block dropping moves in. Without
+blocks (or with an implausible fit) one measurement fixes an additive residual (offset) instead.
+
+Widths. Candidate widths are multiples of an alignment chosen per target from measurements (`choose_alignment`):
+the smallest of 8, 16, 32 whose widths are not slower than the straight line through 64-aligned widths; 64 if none
+is. The grid is refined level by level (LEVEL_FRACTIONS: full width; half; quarters; eighths), the most expensive
+items first, until the level limit or the profile budget is reached; an item uses its finest complete level.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from compressor.errors import CompressorError
+from compressor.latency.cache import LatencyCache, context_of
+from compressor.latency.micro import CostItem, find_items, micro_model, structure_key
+from compressor.latency.request import LatencyRequest, ProfileSettings
+
+LEVEL_FRACTIONS = ((1.0,), (0.5,), (0.25, 0.75), (0.125, 0.375, 0.625, 0.875))
+ALIGNMENTS = (8, 16, 32)
+PROBE_SPAN = 64
+ALIGNMENT_TOLERANCE = 0.05
+MAX_PROBES = 2
+Progress = Callable[[str], None]
+
+
+# ------------------------------------------------------------------------------------------------------ measuring
+def measure_ms(model: onnx.ModelProto, target, batch: int, settings: ProfileSettings, calibration: bool = False,
+               input_shapes: dict | None = None) -> float:
+    """Median latency (ms) of `model` on `target` through compressor.bench.SessionRunner (the session options of
+    `compress bench`): a warm-up, then as many timed runs as fill the settings' time per point, within limits."""
+    from compressor.bench import SessionRunner, input_specs
+
+    runner = SessionRunner(model.SerializeToString(), target, input_specs(model, batch, input_shapes))
+    first = runner.time_runs(max(settings.warmup, 1))
+    per_run = max(float(np.median(first)), 1e-3)
+    if calibration:
+        runs = int(np.clip(math.ceil(settings.calibration_seconds * 1000 / per_run), settings.calibration_runs,
+                           10 * settings.calibration_runs))
+    else:
+        runs = int(np.clip(math.ceil(settings.seconds_per_point * 1000 / per_run), settings.min_runs, settings.max_runs))
+    return float(np.median(runner.time_runs(runs)))
+
+
+def overhead_model() -> onnx.ModelProto:
+    """The cheapest session run: one Relu on a single number. Its latency is subtracted from every micro-model's."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "overhead",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def aligned_widths(size: int, fractions, alignment: int, floor: int = 1) -> list[int]:
+    """Widths for the given fractions of `size`, rounded to multiples of `alignment` no smaller than `floor`,
+    plus `size` itself; with more than one fraction, also the narrowest such multiple (so the allocation never
+    extrapolates below the grid). A group with no such multiple below its size has only its own width."""
+    smallest = max(alignment, -(-int(floor) // alignment) * alignment)
+    widths = {int(size)}
+    if smallest < size:
+        for f in fractions:
+            widths.add(int(min(size, max(smallest, round(f * size / alignment) * alignment))))
+        if len(fractions) > 1:
+            widths.add(smallest)
+    return sorted(widths)
+
+
+def interpolation_weights(grid, points) -> np.ndarray:
+    """Matrix [len(points), len(grid)]: linear interpolation on the sorted `grid` (linear extrapolation below its
+    first node, constant above its last); a one-node grid gives a constant."""
+    grid = np.asarray(grid, dtype=np.float64)
+    points = np.asarray(points, dtype=np.float64)
+    weights = np.zeros((len(points), len(grid)))
+    if len(grid) == 1:
+        weights[:, 0] = 1.0
+        return weights
+    j = np.clip(np.searchsorted(grid, points, side="right") - 1, 0, len(grid) - 2)
+    t = (points - grid[j]) / (grid[j + 1] - grid[j])
+    t = np.minimum(t, 1.0)
+    rows = np.arange(len(points))
+    weights[rows, j] = 1.0 - t
+    weights[rows, j + 1] += t
+    return weights
+
+
+# --------------------------------------------------------------------------------------------------------- tables
+@dataclass
+class ItemTable:
+    """Net milliseconds of one item at a grid of kept widths (one axis per group in item.dims)."""
+
+    item: CostItem
+    grids: tuple[tuple[int, ...], ...]
+    values: np.ndarray
+    level: int
+
+    def dense(self, candidates: list) -> np.ndarray:
+        """The interpolated table at every combination of candidate widths (one array per dim), never negative."""
+        out = self.values
+        for axis, (grid, points) in enumerate(zip(self.grids, candidates)):
+            out = np.moveaxis(np.tensordot(interpolation_weights(grid, points), out, axes=([1], [axis])), 0, axis)
+        return np.maximum(out, 0.0)
+
+    def at(self, widths: dict[int, int]) -> float:
+        """Net milliseconds at the given kept widths (missing groups: full width)."""
+        points = [[widths.get(g, grid[-1])] for g, grid in zip(self.item.dims, self.grids)]
+        return float(self.dense(points).reshape(-1)[0]) if self.item.dims else float(max(self.values.item(), 0.0))
+
+
+@dataclass
+class LatencyModel:
+    """Everything the allocation and the report need: the item tables, alignment, calibration and statistics."""
+
+    tables: list[ItemTable]
+    alignment: int
+    scale: float
+    offset_ms: float
+    full_ms: float
+    skeleton_ms: float | None
+    calibration: str
+    info: dict = field(default_factory=dict)
+
+    def items_ms(self, widths: dict[int, int], dropped: set[int] = frozenset()) -> float:
+        """Σ net item milliseconds of the alive items at these widths."""
+        return sum(t.at(widths) for t in self.tables if not (t.item.blocks & set(dropped)))
+
+    def predict_ms(self, widths: dict[int, int], dropped: set[int] = frozenset()) -> float:
+        """Predicted latency of the network with these kept widths and dropped blocks."""
+        return self.scale * self.items_ms(widths, dropped) + self.offset_ms
+
+
+# ------------------------------------------------------------------------------------------------------ profiling
+class Profiler:
+    """Times micro-models through the cache, keeps the time spent and the profile budget."""
+
+    def __init__(self, analysis, request: LatencyRequest, cache: LatencyCache, progress: Progress | None = None):
+        self.analysis = analysis
+        self.request = request
+        self.cache = cache
+        self.progress = progress
+        self.started = time.perf_counter()
+        self.measured = 0
+        self.micro_measured = 0
+        self.measure_seconds = 0.0
+        self.skipped = 0
+        self._overhead: float | None = None
+
+    def elapsed(self) -> float:
+        """Seconds since profiling started."""
+        return time.perf_counter() - self.started
+
+    def affordable(self) -> bool:
+        """Whether one more measurement fits in the profile budget (estimated from the ones so far)."""
+        budget = self.request.profile_budget_s
+        if budget is None:
+            return True
+        estimate = self.measure_seconds / self.micro_measured if self.micro_measured else 0.0
+        return self.elapsed() + estimate <= budget
+
+    def raw_ms(self, model: onnx.ModelProto, key: str, what: str, calibration: bool = False,
+               input_shapes: dict | None = None) -> float:
+        """Cached or freshly measured milliseconds of `model` (whose cache key is `key`)."""
+        cached = self.cache.get(key)
+        if cached is not None:
+            return cached
+        start = time.perf_counter()
+        ms = measure_ms(model, self.request.target, self.request.batch, self.request.settings, calibration, input_shapes)
+        self.measured += 1
+        if not calibration:  # the per-measurement estimate of the budget check is about micro-models
+            self.measure_seconds += time.perf_counter() - start
+            self.micro_measured += 1
+        self.cache.put(key, ms, what)
+        if self.progress and self.measured % 10 == 0:
+            self.progress(f"profiling latency ({self.measured} measured)")
+        return ms
+
+    def overhead_ms(self) -> float:
+        """Latency of an empty session run on this target."""
+        if self._overhead is None:
+            model = overhead_model()
+            self._overhead = self.raw_ms(model, "overhead:" + structure_key(model), "empty session run")
+        return self._overhead
+
+    def item_ms(self, item: CostItem, widths: dict[int, int], optional: bool = False) -> float | None:
+        """Net milliseconds of one copy of `item` at `widths`; None when optional and over the profile budget."""
+        copies = self.request.copies
+        shapes_only = micro_model(self.analysis, item, widths, self.request.batch, weights=False)
+        key = f"{structure_key(shapes_only)}:x{copies}"
+        if optional and key not in self.cache.entries and not self.affordable():
+            self.skipped += 1
+            return None
+        model = None if key in self.cache.entries else micro_model(self.analysis, item, widths, self.request.batch, copies)
+        try:
+            raw = self.raw_ms(model, key, f"{item.kind} {item.name} {sorted(widths.items())}")
+        except CompressorError as exc:
+            raise CompressorError(f"cannot time layer '{item.name}' on {self.request.target}: {exc}") from exc
+        return max(raw - self.overhead_ms(), 0.0) / copies
+
+
+def build_latency_model(analysis, floors: dict[int, int], droppable_blocks: set[int], request: LatencyRequest,
+                        round_to: int = 1, progress: Progress | None = None) -> LatencyModel:
+    """Measure (or read from the cache) everything the latency model needs and calibrate it on the network.
+
+    floors: the variable groups (whose widths the allocation may change), each with its narrowest allowed width.
+    """
+    variable_groups = set(floors)
+    cache = LatencyCache(context_of(request.target, request.batch), request.cache_dir)
+    profiler = Profiler(analysis, request, cache, progress)
+    try:
+        full_ms, skeleton_ms = _measure_network(profiler, droppable_blocks)
+        items = find_items(analysis, variable_groups)
+        sizes = {g: analysis.groups[g].size for g in variable_groups}
+        full = {i.index: profiler.item_ms(i, {}) for i in items}
+        if round_to > 1:
+            alignment, probe = round_to, {"source": f"--round-to {round_to}"}
+        else:
+            alignment, probe = choose_alignment(profiler, items, sizes, full)
+        tables = _refine(profiler, items, sizes, floors, full, alignment, request.settings.max_level)
+    finally:
+        cache.flush()
+    model = calibrate(tables, full_ms, skeleton_ms, droppable_blocks)
+    model.alignment = alignment
+    levels = [t.level for t in tables if t.item.dims]
+    model.info = {
+        "items": len(tables), "layers": sum(t.item.kind == "layer" for t in tables),
+        "joins": sum(t.item.kind == "join" for t in tables), "alignment": alignment, "alignment_probe": probe,
+        "grid_levels": {str(lv): levels.count(lv) for lv in sorted(set(levels))},
+        "measured": profiler.measured, "cache_hits": cache.hits, "skipped_over_budget": profiler.skipped,
+        "profile_seconds": round(profiler.elapsed(), 2), "profile_budget_s": request.profile_budget_s,
+        "overhead_ms": profiler.overhead_ms(), "copies_per_micro_model": request.copies, "cache": str(cache.path),
+        "context": cache.context,
+    }
+    return model
+
+
+def _measure_network(profiler: Profiler, droppable: set[int]) -> tuple[float, float | None]:
+    """Measured latency of the whole network and of its skeleton (every droppable block removed)."""
+    from compressor.plan import Plan
+    from compressor.surgery import apply_plan
+
+    analysis = profiler.analysis
+    shapes = analysis.input_shapes
+    base = f"network:{structure_key(analysis.proto)}:{sorted((k, list(v)) for k, v in shapes.items())}"
+    full_ms = profiler.raw_ms(analysis.proto, base, "whole network", calibration=True, input_shapes=shapes)
+    if not droppable:
+        return full_ms, None
+    key = f"{base}:drop{sorted(droppable)}"
+    if key in profiler.cache.entries:
+        return full_ms, profiler.cache.get(key)
+    skeleton = apply_plan(analysis, Plan(dropped_blocks=set(droppable)))
+    return full_ms, profiler.raw_ms(skeleton, key, "network without droppable blocks", calibration=True,
+                                    input_shapes=shapes)
+
+
+def choose_alignment(profiler: Profiler, items: list[CostItem], sizes: dict[int, int],
+                     full: dict[int, float]) -> tuple[int, dict]:
+    """The smallest alignment in ALIGNMENTS whose widths cost no more than the straight line between 64-aligned
+    widths (within ALIGNMENT_TOLERANCE), measured on the most expensive layers with a group of >= 128 channels."""
+    candidates = [i for i in items if i.kind == "layer" and any(sizes[g] >= 2 * PROBE_SPAN for g in i.dims)]
+    candidates.sort(key=lambda i: -full[i.index])
+    probes = candidates[:MAX_PROBES]
+    if not probes:
+        return ALIGNMENTS[0], {"source": "default: no layer has a group of 128 or more channels to probe"}
+    offsets = (0, *ALIGNMENTS, PROBE_SPAN)
+    times = np.zeros((len(probes), len(offsets)))
+    for p, item in enumerate(probes):
+        for o, offset in enumerate(offsets):
+            widths = {}
+            for g in item.dims:
+                if sizes[g] >= 2 * PROBE_SPAN:
+                    top = int(np.clip(round(sizes[g] / 2 / PROBE_SPAN) * PROBE_SPAN, 2 * PROBE_SPAN,
+                                      sizes[g] // PROBE_SPAN * PROBE_SPAN))
+                    widths[g] = top - offset
+            times[p, o] = profiler.item_ms(item, widths)
+    total = times.sum(axis=0)
+    top_ms, low_ms = total[0], total[-1]
+    relative = {}
+    chosen = PROBE_SPAN
+    for o, alignment in enumerate(ALIGNMENTS, start=1):
+        line = top_ms + (low_ms - top_ms) * alignment / PROBE_SPAN
+        relative[str(alignment)] = round(float(total[o] / line) if line > 0 else 1.0, 4)
+        if chosen == PROBE_SPAN and total[o] <= line + ALIGNMENT_TOLERANCE * top_ms:
+            chosen = alignment
+    return chosen, {"source": "measured", "layers": [i.name for i in probes],
+                    "time_vs_64_aligned_line": relative, "tolerance": ALIGNMENT_TOLERANCE}
+
+
+def _refine(profiler: Profiler, items: list[CostItem], sizes: dict[int, int], floors: dict[int, int],
+            full: dict[int, float], alignment: int, max_level: int) -> list[ItemTable]:
+    """Measure the items level by level (most expensive first) and keep each item's finest complete grid."""
+    known: dict[int, dict[tuple[int, ...], float]] = {i.index: {tuple(sizes[g] for g in i.dims): full[i.index]} for i in items}
+    levels = {i.index: 0 for i in items}
+    order = sorted(items, key=lambda i: -full[i.index])
+    for level in range(1, max_level + 1):
+        for item in order:
+            if not item.dims or levels[item.index] != level - 1 or (len(item.dims) > 2 and level > 1):
+                continue
+            grids = _grids(item, sizes, floors, alignment, level)
+            complete = True
+            for point in _product(grids):
+                if point in known[item.index]:
+                    continue
+                ms = profiler.item_ms(item, dict(zip(item.dims, point)), optional=True)
+                if ms is None:
+                    complete = False
+                    break
+                known[item.index][point] = ms
+            if complete:
+                levels[item.index] = level
+    tables = []
+    for item in items:
+        grids = _grids(item, sizes, floors, alignment, levels[item.index])
+        values = np.array([known[item.index][p] for p in _product(grids)]).reshape([len(g) for g in grids])
+        tables.append(ItemTable(item, tuple(tuple(g) for g in grids), values, levels[item.index]))
+    return tables
+
+
+def _grids(item: CostItem, sizes: dict[int, int], floors: dict[int, int], alignment: int, level: int) -> list[list[int]]:
+    fractions = [f for lv in LEVEL_FRACTIONS[: level + 1] for f in lv]
+    return [aligned_widths(sizes[g], fractions, alignment, floors[g]) for g in item.dims]
+
+
+def _product(grids: list[list[int]]) -> list[tuple[int, ...]]:
+    points: list[tuple[int, ...]] = [()]
+    for grid in grids:
+        points = [p + (w,) for p in points for w in grid]
+    return points
+
+
+def calibrate(tables: list[ItemTable], full_ms: float, skeleton_ms: float | None, droppable: set[int]) -> LatencyModel:
+    """Fit scale and offset to the whole network (and its skeleton, when there is one); see the module docstring."""
+    s_full = sum(t.at({}) for t in tables)
+    model = LatencyModel(tables, ALIGNMENTS[0], 1.0, full_ms - s_full, full_ms, skeleton_ms, "additive")
+    if skeleton_ms is not None:
+        s_skeleton = sum(t.at({}) for t in tables if not (t.item.blocks & droppable))
+        if s_full > s_skeleton and full_ms > skeleton_ms:
+            scale = (full_ms - skeleton_ms) / (s_full - s_skeleton)
+            offset = full_ms - scale * s_full
+            if 0.2 <= scale <= 5.0 and offset >= -0.25 * full_ms:
+                model.scale, model.offset_ms, model.calibration = scale, offset, "two-point"
+                return model
+    if model.offset_ms < 0 and s_full > 0:
+        model.scale, model.offset_ms, model.calibration = full_ms / s_full, 0.0, "proportional"
+    return model

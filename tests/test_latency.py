@@ -1,0 +1,339 @@
+"""`--target latency`: the latency table and its cache, the allocation, the budget, the check, and clean failures.
+
+Real timings are taken on cpu:1 with few runs (never asserted on); the allocation tests use a fake latency function
+(milliseconds from node counts and MACs) so their answers are deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import compressor
+from compressor import methods
+from compressor.analysis import analyze
+from compressor.cost import model_cost
+from compressor.errors import CompressorError
+from compressor.latency import ProfileSettings, plan_for_latency, resolve_request, table
+from compressor.latency.allocate import BlockChoice, GroupChoice, ItemCost, allocate_latency
+from compressor.latency.importance import kept_value, method_scores, unit_values
+from compressor.latency.micro import find_items, micro_model, structure_key
+from compressor.latency.table import aligned_widths, interpolation_weights
+from compressor.plan import PlanOptions
+from compressor.surgery import apply_plan
+from tests.graphs import GraphBuilder, head
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ProfileSettings(warmup=1, min_runs=2, max_runs=3, seconds_per_point=0.001, calibration_runs=3,
+                       calibration_seconds=0.01, check_warmup=1, check_runs=3)
+
+
+def residual_net(width: int = 32, hw: int = 16, blocks: int = 2, seed: int = 0) -> onnx.ModelProto:
+    """stem conv → `blocks` residual blocks (conv-BN-ReLU, conv-BN, Add, ReLU) → pool/gemm head, batch fixed at 1."""
+    b = GraphBuilder(shape=(1, 8, hw, hw), seed=seed)
+    x = b.op("Relu", [b.bn(b.conv("x", 8, width), width)])
+    for _ in range(blocks):
+        y = b.op("Relu", [b.bn(b.conv(x, width, width), width)])
+        y = b.bn(b.conv(y, width, width), width)
+        x = b.op("Relu", [b.op("Add", [x, y])])
+    return b.model(head(b, x, width))
+
+
+def fake_ms(per_layer_ms: float, per_gmac_ms: float):
+    """A latency function: a fixed cost per conv/gemm node plus a cost per MAC (ignores timing entirely)."""
+
+    def measure(model, target, batch, settings, calibration=False, input_shapes=None):
+        layers = sum(n.op_type in ("Conv", "Gemm") for n in model.graph.node)
+        return 0.01 + per_layer_ms * layers + per_gmac_ms * model_cost(model, input_shapes).macs / 1e9
+
+    return measure
+
+
+@pytest.fixture()
+def cache_dir(tmp_path, monkeypatch) -> Path:
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("COMPRESSOR_CACHE", str(folder))
+    return folder
+
+
+def plan_latency(model, ratio=0.5, latency_ms=None, method="l1", exclude=(), round_to=1):
+    analysis = analyze(model)
+    request = resolve_request("latency", ratio, "cpu:1", 1, latency_ms, None, settings=FAST)
+    return analysis, plan_for_latency(analysis, method, PlanOptions(ratio, "latency", round_to=round_to,
+                                                                    exclude=tuple(exclude)), request)
+
+
+# ------------------------------------------------------------------------------------------------- table and cache
+def test_table_is_built_cached_and_reused_without_profiling(cache_dir, monkeypatch):
+    calls = []
+    real = table.measure_ms
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(table, "measure_ms", counting)
+    model = residual_net()
+    _, first = plan_latency(model)
+    assert len(calls) == first.model.info["measured"] > 0
+    files = list((cache_dir / "latency").glob("*.json"))
+    assert len(files) == 1 and "cpu_1" in files[0].name
+    stored = json.loads(files[0].read_text())
+    assert stored["context"]["batch"] == 1 and stored["context"]["target"] == "cpu:1"
+    assert stored["context"]["onnxruntime"] and stored["context"]["device"]
+    assert len(stored["entries"]) == first.model.info["measured"]
+
+    calls.clear()
+    _, second = plan_latency(model)
+    assert calls == []  # everything came from the cache
+    assert second.model.info["measured"] == 0 and second.model.info["cache_hits"] > 0
+    assert second.model.full_ms == first.model.full_ms and second.predicted_ms == first.predicted_ms
+    assert {g: v.tolist() for g, v in second.plan.removed.items()} == {g: v.tolist() for g, v in first.plan.removed.items()}
+    assert second.plan.dropped_blocks == first.plan.dropped_blocks
+
+
+def test_cache_is_shared_by_identical_layers_and_keyed_by_batch(cache_dir, monkeypatch):
+    monkeypatch.setattr(table, "measure_ms", fake_ms(0.1, 1.0))
+    analysis = analyze(residual_net(blocks=3))
+    request = resolve_request("latency", 0.5, "cpu:1", 1, None, None, settings=FAST)
+    planned = plan_for_latency(analysis, "l1", PlanOptions(0.5, "latency"), request)
+    # the three blocks are the same layers: their micro-models are measured once and found in the cache twice
+    assert planned.model.info["cache_hits"] > 0
+    other = table.LatencyCache(table.context_of(request.target, 4), None)
+    assert other.path != table.LatencyCache(table.context_of(request.target, 1), None).path
+    assert other.entries == {}
+
+
+def test_structure_key_ignores_names_and_weights_but_not_shapes():
+    analysis = analyze(residual_net())
+    item = next(i for i in find_items(analysis, {g.index for g in analysis.groups}) if len(i.dims) == 2)
+    model = micro_model(analysis, item, {}, 1)
+    renamed = onnx.ModelProto()
+    renamed.CopyFrom(model)
+    for node in renamed.graph.node:
+        node.name = "other_" + node.name
+    for init in renamed.graph.initializer:
+        init.CopyFrom(onnx.numpy_helper.from_array(np.zeros_like(onnx.numpy_helper.to_array(init)), init.name))
+    assert structure_key(renamed) == structure_key(model)
+    assert structure_key(micro_model(analysis, item, {}, 1, weights=False)) == structure_key(model)
+    narrower = micro_model(analysis, item, {item.dims[0]: 16}, 1)
+    assert structure_key(narrower) != structure_key(model)
+    assert structure_key(micro_model(analysis, item, {}, 2)) != structure_key(model)
+
+
+def test_micro_model_has_the_shapes_surgery_gives_the_layer():
+    b = GraphBuilder(shape=(1, 8, 8, 8))
+    x = b.op("Relu", [b.bn(b.conv("x", 8, 16), 16)])
+    x = b.op("Relu", [b.conv(x, 16, 16, group=16)])  # depthwise: its group attribute follows the kept width
+    analysis = analyze(b.model(head(b, b.conv(x, 16, 24), 24)))
+    items = find_items(analysis, {g.index for g in analysis.groups if g.prunable.any()})
+    depthwise = next(i for i in items if len(i.dims) == 1 and i.kind == "layer" and analysis.groups[i.dims[0]].size == 16
+                     and any(a.name == "group" and a.i == 16 for n in analysis.view.nodes if n.name == i.name
+                             for a in n.attribute))
+    model = micro_model(analysis, depthwise, {depthwise.dims[0]: 8}, 3, copies=2)
+    onnx.checker.check_model(model, full_check=True)
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    assert next(a.i for a in conv.attribute if a.name == "group") == 8
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    shapes = {o.name: [d.dim_value for d in o.type.tensor_type.shape.dim] for o in inferred.graph.output}
+    assert len(shapes) == 2 and all(s == [3, 8, 8, 8] for s in shapes.values())
+
+
+def test_aligned_widths_and_interpolation():
+    assert aligned_widths(96, [1.0], 16) == [96]
+    assert aligned_widths(96, [1.0, 0.5, 0.25, 0.75], 16, floor=10) == [16, 32, 48, 64, 96]
+    assert aligned_widths(12, [1.0, 0.5], 16) == [12]
+    weights = interpolation_weights([8, 16, 32], [8, 12, 24, 32])
+    np.testing.assert_allclose(weights @ np.array([1.0, 2.0, 6.0]), [1.0, 1.5, 4.0, 6.0])
+    np.testing.assert_allclose(interpolation_weights([32], [8, 32]), [[1.0], [1.0]])
+
+
+# ------------------------------------------------------------------------------------------------------ importance
+def test_kept_value_keeps_the_best_units_with_diminishing_returns():
+    values = unit_values(np.array([4.0, 1.0, 3.0, 0.0]))
+    assert values.mean() == pytest.approx(1.0)
+    kept = kept_value(values, np.ones(4, dtype=bool), [0, 1, 2, 4])
+    assert kept[0] == 0.0 and np.all(np.diff(kept) > 0)
+    flat = kept_value(np.ones(8), np.ones(8, dtype=bool), np.arange(9))
+    gains = np.diff(flat)
+    assert np.all(np.diff(gains) < 0)  # each further unit removed costs more than the previous one
+    assert flat[-1] == pytest.approx(8.0)
+
+
+def test_method_scores_use_registered_scorers_graph_rw_and_fall_back_to_l1(monkeypatch):
+    analysis = analyze(residual_net())
+    groups = [g.index for g in analysis.groups if g.prunable.any()]
+    options = PlanOptions(0.5, "latency")
+    scores, note = method_scores("l2", analysis, options, groups)
+    assert note is None and set(scores) == set(groups)
+    scores, note = method_scores("graph-rw", analysis, options, groups)
+    assert note and "graph-rw" in note and set(scores) == set(groups)
+    monkeypatch.setitem(methods._REGISTRY, "plain", lambda analysis, options: None)
+    scores, note = method_scores("plain", analysis, options, groups)
+    assert "l1" in note and set(scores) == set(groups)
+    with pytest.raises(CompressorError, match="scoring method"):
+        method_scores("zeros", analysis, options, groups)
+
+
+# ------------------------------------------------------------------------------------------------------ allocation
+def _crafted(block_values: list[float]):
+    """Group 0 lives only in block 0, whose layers cost ~4 ms whatever their width (launch-bound); group 1 is
+    outside any block, its layer costs 3 ms per width step. Values are given per candidate width."""
+    widths = np.array([2, 4, 6, 8])
+    groups = {0: GroupChoice(0, widths, np.array(block_values)), 1: GroupChoice(1, widths, np.array([20.0, 40, 60, 80]))}
+    items = [ItemCost((0,), frozenset({0}), np.array([3.90, 3.93, 3.96, 4.0])),
+             ItemCost((1,), frozenset(), np.array([3.0, 6.0, 9.0, 12.0]))]
+    return groups, items, {0: BlockChoice(0, (0,))}
+
+
+def test_allocation_drops_the_block_when_it_is_cheaper_per_importance():
+    groups, items, blocks = _crafted([2.0, 4, 6, 8])  # block: 8 value for 4 ms; narrowing group 1: 20 per 3 ms
+    result = allocate_latency(groups, items, blocks, budget_items_ms=12.0)
+    assert result.dropped == {0} and result.widths[1] == 8
+    assert result.met and result.predicted_ms == pytest.approx(12.0)
+
+
+def test_allocation_narrows_when_the_block_is_worth_more():
+    groups, items, blocks = _crafted([20.0, 40, 60, 80])  # block: 80 value for 4 ms; narrowing group 1: 20 per 3 ms
+    result = allocate_latency(groups, items, blocks, budget_items_ms=12.0)
+    assert result.dropped == set() and result.widths[1] == 4 and result.widths[0] == 8
+    assert result.met and result.predicted_ms <= 12.0
+
+
+def test_allocation_prefers_the_move_that_just_finishes_over_one_that_overshoots():
+    widths = np.array([4, 8])
+    groups = {0: GroupChoice(0, widths, np.array([1.9, 2.0])), 1: GroupChoice(1, widths, np.array([1.0, 2.0]))}
+    items = [ItemCost((0,), frozenset(), np.array([1.0, 2.0])), ItemCost((1,), frozenset({0}), np.array([5.0, 10.0]))]
+    # after narrowing group 0 (0.1 lost for 1 ms), 1.5 ms are missing: dropping the block saves 10 ms for 2,
+    # narrowing its group saves 5 ms for 1; credited with the 1.5 ms needed, narrowing wins
+    result = allocate_latency(groups, items, {0: BlockChoice(0, (1,))}, budget_items_ms=9.5)
+    assert result.dropped == set() and result.widths == {0: 8, 1: 4}  # refill gave group 0 its width back
+    assert result.met and result.predicted_ms == pytest.approx(7.0) and result.kept_value == pytest.approx(3.0)
+
+
+def test_allocation_refills_what_an_overshooting_move_gave_up():
+    widths = np.array([4, 8])
+    groups = {0: GroupChoice(0, widths, np.array([1.9, 2.0])), 1: GroupChoice(1, np.array([8]), np.array([2.0]))}
+    items = [ItemCost((0,), frozenset(), np.array([1.0, 2.0])), ItemCost((1,), frozenset({0}), np.array([10.0]))]
+    result = allocate_latency(groups, items, {0: BlockChoice(0, (1,))}, budget_items_ms=9.5)
+    # narrowing group 0 first is cheapest, then only dropping the block reaches the budget; 8.5 ms are then free,
+    # and the refill widens group 0 again
+    assert result.dropped == {0} and result.widths[0] == 8
+    assert result.met and result.predicted_ms == pytest.approx(2.0)
+    assert any(m.startswith("widen group 0") for m in result.moves)
+
+
+def test_launch_bound_target_drops_blocks_first(cache_dir, monkeypatch):
+    monkeypatch.setattr(table, "measure_ms", fake_ms(per_layer_ms=1.0, per_gmac_ms=1.0))  # ~all time is per layer
+    analysis, planned = plan_latency(residual_net(blocks=3), ratio=0.4)
+    assert planned.plan.dropped_blocks and not planned.plan.removed
+    assert planned.predicted_ms <= planned.budget_ms
+
+
+@pytest.mark.parametrize("ratio, latency_ms", [(0.3, None), (0.6, None), (None, 3.0)])
+def test_budget_is_met_by_the_prediction(cache_dir, monkeypatch, ratio, latency_ms):
+    monkeypatch.setattr(table, "measure_ms", fake_ms(per_layer_ms=0.2, per_gmac_ms=200.0))
+    analysis, planned = plan_latency(residual_net(blocks=3), ratio=ratio, latency_ms=latency_ms)
+    model = planned.model
+    expected = latency_ms if latency_ms is not None else (1 - ratio) * model.full_ms
+    assert planned.budget_ms == pytest.approx(expected)
+    assert planned.predicted_ms <= planned.budget_ms * (1 + 1e-9)
+    assert planned.info["budget_met_by_prediction"]
+    kept = {g.index: g.size - len(planned.plan.removed.get(g.index, ())) for g in analysis.groups}
+    assert model.predict_ms(kept, planned.plan.dropped_blocks) == pytest.approx(planned.predicted_ms)
+    assert model.predict_ms({}, set()) == pytest.approx(model.full_ms)  # calibrated on the whole network
+    for g, removed in planned.plan.removed.items():  # widths are multiples of the alignment
+        assert (analysis.groups[g].size - len(removed)) % model.alignment == 0
+    result = apply_plan(analysis, planned.plan)
+    onnx.checker.check_model(result)
+
+
+def test_exclude_and_round_to_are_honoured(cache_dir, monkeypatch):
+    monkeypatch.setattr(table, "measure_ms", fake_ms(per_layer_ms=1.0, per_gmac_ms=200.0))
+    model = residual_net(blocks=3)
+    analysis = analyze(model)
+    protected = analysis.blocks[0].nodes[0]  # a conv inside the first block: that block and its group stay
+    excluded_groups = analysis.excluded_groups([f"[{protected[0]}]{protected[1:]}"])
+    analysis, planned = plan_latency(model, ratio=0.5, exclude=(f"[{protected[0]}]{protected[1:]}",), round_to=16)
+    assert planned.model.alignment == 16 and planned.model.info["alignment_probe"]["source"] == "--round-to 16"
+    assert 0 not in planned.plan.dropped_blocks and excluded_groups
+    assert not set(planned.plan.removed) & excluded_groups
+    for g, removed in planned.plan.removed.items():
+        assert (analysis.groups[g].size - len(removed)) % 16 == 0
+
+
+# ---------------------------------------------------------------------------------------------- end to end, errors
+def test_compress_reports_predicted_and_measured_latency(cache_dir):
+    result = compressor.compress(residual_net(), "l1", 0.5, target="latency", device="cpu:1", profile_budget=2.0)
+    latency = result.report["latency"]
+    assert result.report["target"] == "latency" and result.report["verified"]
+    for key in ("budget_ms", "predicted_ms", "measured_before_ms", "measured_after_ms", "measured_speedup",
+                "predictor_error", "flagged", "calibration", "table"):
+        assert key in latency
+    assert latency["predictor_error"] == pytest.approx(
+        (latency["predicted_ms"] - latency["measured_after_ms"]) / latency["measured_after_ms"])
+    assert latency["flagged"] == (abs(latency["predictor_error"]) > 0.10)
+    assert any("predictor error" in n for n in result.report["notes"]) == latency["flagged"]
+    assert result.report["macs_after"] < result.report["macs_before"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"device": "tensorrt"}, "cuda"),
+    ({"device": "gpu"}, "bad target"),
+    ({"device": "cpu:0"}, "thread"),
+    ({"device": "cpu:1", "batch": 0}, "--batch"),
+    ({"device": "cpu:1", "batch": 2}, "fixed batch"),
+    ({"device": "cpu:1", "latency_ms": -1.0}, "--latency-ms"),
+    ({"device": "cpu:1", "profile_budget": 0.0}, "--profile-budget"),
+    ({"device": "cpu:1", "ratio": 1.5}, "ratio"),
+    ({"device": "cpu:1", "method": "zeros"}, "scoring method"),
+    ({"device": "cpu:1", "latency_ms": 1e6}, "already meets"),
+    ({"target": "macs", "device": "cpu:1"}, "only apply with --target latency"),
+    ({"target": "seconds"}, "macs, params, latency"),
+])
+def test_bad_latency_requests_fail_with_one_line(cache_dir, monkeypatch, kwargs, message):
+    monkeypatch.setattr(table, "measure_ms", fake_ms(0.1, 1.0))
+    kwargs = {"target": "latency", "ratio": 0.5, **kwargs}
+    with pytest.raises(CompressorError, match=message) as caught:
+        compressor.compress(residual_net(), kwargs.pop("method", "l1"), kwargs.pop("ratio"), **kwargs)
+    assert "\n" not in str(caught.value)
+
+
+def test_cuda_without_the_provider_fails_cleanly():
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    with pytest.raises(CompressorError, match="CUDAExecutionProvider is not available"):
+        resolve_request("latency", 0.5, "cuda", 1, None, None)
+
+
+def run_cli(*args: str, env: dict) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO), **env)
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, env=env, cwd=REPO)
+
+
+def test_cli_latency_end_to_end(tmp_path):
+    model, out, report = tmp_path / "model.onnx", tmp_path / "slim.onnx", tmp_path / "report.json"
+    onnx.save(residual_net(), model)
+    env = {"COMPRESSOR_CACHE": str(tmp_path / "cache")}
+    proc = run_cli(str(model), "--method", "l1", "--target", "latency", "--device", "cpu:1", "--ratio", "0.5",
+                   "--profile-budget", "2", "-o", str(out), "--report", str(report), env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "latency on cpu:1 batch 1" in proc.stdout and "predictor error" in proc.stdout
+    data = json.loads(report.read_text())
+    assert data["latency"]["device"] == "cpu:1" and data["latency"]["batch"] == 1
+    onnx.checker.check_model(onnx.load(out))
+    assert (tmp_path / "cache" / "latency").is_dir()
+
+    bad = run_cli(str(model), "--target", "latency", "--device", "tensorrt", "--ratio", "0.5", "-o", str(out), env=env)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and bad.stderr.startswith("error: ")
+    both = run_cli(str(model), "--target", "latency", "--ratio", "0.5", "--latency-ms", "1", "-o", str(out), env=env)
+    assert both.returncode == 2 and "not both" in both.stderr
