@@ -207,7 +207,7 @@ def test_auto_grid_spans_the_kill_lambdas():
     assert len(kills) == 16 + 32 + 64
     grid = auto_grid(kills, 4)
     assert len(grid) == 4 and grid == sorted(grid)
-    assert grid[0] == pytest.approx(np.quantile(kills, 0.05)) and grid[-1] == pytest.approx(np.quantile(kills, 0.95))
+    assert grid[0] == pytest.approx(np.quantile(kills, 0.1)) and grid[-1] == pytest.approx(np.quantile(kills, 0.9))
 
 
 def test_run_amsc_fixed_lambdas_and_hooks():
@@ -241,6 +241,18 @@ def test_amsc_search_pipeline_removes_what_the_search_chose(tmp_path):
     assert metrics["blocks_removed"] == amsc["blocks_zero"]
     stages = {t["stage"] for t in amsc["trials"]}
     assert {"depth", "width"} <= stages
+
+
+def test_boundary_search_interpolates_toward_a_target():
+    tried = []
+
+    def run(lam):
+        tried.append(lam)
+        return {"macs_removed": min(1.0, math.log10(lam) / 3 + 0.5)}  # linear in log(lambda): 0.58 at 10**0.24
+
+    found, _ = _boundary(run, [0.1, 1.0, 10.0], lambda r: r["macs_removed"] >= 0.58, "smallest", 1,
+                         target=("macs_removed", 0.58))
+    assert found == pytest.approx(10 ** 0.24, rel=1e-6) and len(tried) == 4
 
 
 def test_boundary_search_extends_below_a_grid_that_starts_past_the_boundary():

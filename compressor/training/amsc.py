@@ -273,7 +273,7 @@ def kill_lambdas(structure: AmscStructure, kind: str, lr_sum: float) -> np.ndarr
     return np.array([v for v in values if np.isfinite(v) and v > 0])
 
 
-def auto_grid(kills: np.ndarray, points: int, low_quantile: float = 0.05, high_quantile: float = 0.95,
+def auto_grid(kills: np.ndarray, points: int, low_quantile: float = 0.1, high_quantile: float = 0.9,
               high_factor: float = 1.0) -> list[float]:
     """A log-spaced grid from the low quantile of the kill lambdas to high_factor times the high quantile. The
     gradient resists the shrinkage, so fewer groups die than these estimates say; the search extends the grid

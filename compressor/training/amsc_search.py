@@ -7,7 +7,8 @@ the paper): lambda0 is chosen with lambda1 = 0, then lambda1 with lambda0 fixed.
   (in `both` mode with a `ratio`, the depth stage also keeps at most `ratio` of MACs removed);
 - ratio: the smallest lambda that removes at least `ratio` of the MACs.
 A log grid is tried first (automatic: spanning the lambdas that would zero the groups by shrinkage alone), extended by
-up to two points past its ends until the rule's boundary is bracketed, then refined by log-bisection `refine` times.
+up to two points past its ends until the rule's boundary is bracketed, then refined `refine` times (ratio rule:
+interpolating the removed MACs in log(lambda); accuracy rule: log-bisection).
 The chosen trial's weights are kept; its zero groups become masks for the fine-tune without penalty.
 """
 
@@ -117,13 +118,21 @@ class _Trials:
 
 
 def _boundary(run: Callable[[float], dict], grid: list[float], good: Callable[[dict], bool], want: str, refine: int,
-              extend: int = EXTEND_STEPS) -> tuple[float | None, float]:
+              extend: int = EXTEND_STEPS, target: tuple[str, float] | None = None) -> tuple[float | None, float]:
     """(the smallest (want='smallest') or largest good lambda or None, the largest lambda tried).
 
     `good` must be monotone in lambda (true above a boundary for 'smallest', below it for 'largest'). After the grid,
     up to `extend` more points continue the grid's log step past its end until the boundary is bracketed (e.g. no
-    lambda good yet, or the grid's first point already good for 'smallest'); then `refine` log-bisections."""
-    tried = {lam: good(run(lam)) for lam in sorted(set(grid))}
+    lambda good yet, or the grid's first point already good for 'smallest'); then `refine` steps narrow the bracket:
+    log-bisection, or with target=(key, value) interpolation of record[key] in log(lambda) (kept at least a tenth of
+    the bracket away from its ends, so every step makes progress)."""
+    records = {lam: run(lam) for lam in sorted(set(grid))}
+    tried = {lam: good(record) for lam, record in records.items()}
+
+    def attempt(lam: float) -> None:
+        records[lam] = run(lam)
+        tried[lam] = good(records[lam])
+
     step = (max(tried) / min(tried)) ** (1 / (len(tried) - 1)) if len(tried) > 1 else 3.0
     for _ in range(extend):
         goods = [lam for lam, ok in tried.items() if ok]
@@ -133,23 +142,22 @@ def _boundary(run: Callable[[float], dict], grid: list[float], good: Callable[[d
             lam = min(tried) / step if not goods else (max(tried) * step if max(goods) == max(tried) else None)
         if lam is None:
             break
-        tried[lam] = good(run(lam))
+        attempt(lam)
     for _ in range(refine):
         goods = [lam for lam, ok in tried.items() if ok]
         if not goods:
             break
-        if want == "smallest":
-            edge = min(goods)
-            other = [lam for lam, ok in tried.items() if not ok and lam < edge]
-            partner = max(other) if other else None
-        else:
-            edge = max(goods)
-            other = [lam for lam, ok in tried.items() if not ok and lam > edge]
-            partner = min(other) if other else None
-        if partner is None:
+        edge = min(goods) if want == "smallest" else max(goods)
+        other = [lam for lam, ok in tried.items() if not ok and (lam < edge if want == "smallest" else lam > edge)]
+        if not other:
             break
-        mid = math.sqrt(edge * partner)
-        tried[mid] = good(run(mid))
+        partner = max(other) if want == "smallest" else min(other)
+        fraction = 0.5
+        if target is not None:
+            key, value = target
+            a, b = records[partner][key], records[edge][key]
+            fraction = min(max((value - a) / (b - a), 0.1), 0.9) if b != a else 0.5
+        attempt(math.exp(math.log(partner) + fraction * (math.log(edge) - math.log(partner))))
     goods = [lam for lam, ok in tried.items() if ok]
     if not goods:
         return None, max(tried)
@@ -203,14 +211,15 @@ def _search(trials: _Trials, structure: AmscStructure, options: AmscOptions, lr_
             good, want = (lambda r: within_drop(r) and r["macs_removed"] <= ratio + 1e-9), "largest"
         else:
             good, want = within_drop, "largest"
-        found, largest = _boundary(lambda lam: trials.run(lam, 0.0, "depth"), grid, good, want, options.refine)
+        found, largest = _boundary(lambda lam: trials.run(lam, 0.0, "depth"), grid, good, want, options.refine,
+                                   target=("macs_removed", ratio) if good is reaches else None)
         lambda_depth = _fallback(found, largest, want, "depth", notes)
     lambda_width = 0.0
     if use_width:
         grid = list(options.width_grid or auto_grid(kill_lambdas(structure, "width", lr_sum), options.grid_points))
         good, want = (reaches, "smallest") if ratio is not None else (within_drop, "largest")
         found, largest = _boundary(lambda lam: trials.run(lambda_depth, lam, "width"), grid, good, want,
-                                   options.refine)
+                                   options.refine, target=("macs_removed", ratio) if good is reaches else None)
         lambda_width = _fallback(found, largest, want, "width", notes)
     key = (float(lambda_depth), float(lambda_width))
     if key not in trials.records:

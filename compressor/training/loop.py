@@ -158,7 +158,7 @@ def train(model: nn.Module, data: CifarData, config: TrainConfig, hooks: Sequenc
     model.train()
     for epoch in range(config.epochs):
         epoch_start = time.perf_counter()
-        sums = torch.zeros(3, dtype=torch.float64, device=data.device)
+        sums = torch.zeros(3, dtype=torch.float64, device=data.device)  # loss * n, correct, n
         for x, y in data.train_batches(epoch, config.batch_size, config.seed, ctx.rank, ctx.world_size):
             lr = learning_rate(config, step / total_steps)
             for group in optimizer.param_groups:
@@ -177,8 +177,9 @@ def train(model: nn.Module, data: CifarData, config: TrainConfig, hooks: Sequenc
             for hook in hooks:
                 hook.after_step(model, optimizer, lr)
             with torch.no_grad():
-                sums += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
-                                     torch.tensor(float(len(y)), dtype=torch.float64, device=data.device)])
+                sums[0] += loss.detach().double() * len(y)
+                sums[1] += (logits.argmax(1) == y).sum()
+                sums[2] += len(y)
             step += 1
         ctx.all_reduce_sum(sums)
         record = {"epoch": epoch + 1, "lr": learning_rate(config, step / total_steps),

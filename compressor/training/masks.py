@@ -29,7 +29,7 @@ class ParameterMasks:
 
     def __init__(self, keep: dict[str, torch.Tensor]):
         self.keep = {name: mask.bool() for name, mask in keep.items()}
-        self._bound: list[tuple[nn.Parameter, torch.Tensor]] | None = None
+        self._bound: list[tuple[nn.Parameter, torch.Tensor]] | None = None  # masks on the parameters' device
         self._bound_model: int | None = None
 
     def __len__(self) -> int:
@@ -41,9 +41,9 @@ class ParameterMasks:
             missing = [name for name in self.keep if name not in params]
             if missing:
                 raise CompressorError(f"mask names no parameter of the model: {missing[:3]}")
-            self._bound = [(params[name], mask) for name, mask in self.keep.items()]
+            self._bound = [(params[name], mask.to(params[name].device)) for name, mask in self.keep.items()]
             self._bound_model = id(model)
-        return [(p, m.to(device=p.device) if m.device != p.device else m) for p, m in self._bound]
+        return self._bound
 
     @torch.no_grad()
     def apply(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
