@@ -25,7 +25,8 @@ from compressor.latency import ProfileSettings, plan_for_latency, resolve_reques
 from compressor.latency.allocate import BlockChoice, GroupChoice, ItemCost, allocate_latency
 from compressor.latency.importance import kept_value, method_scores, unit_values
 from compressor.latency.micro import find_items, micro_model, structure_key
-from compressor.latency.table import aligned_widths, interpolation_weights
+from compressor.latency.grid import ItemTable, aligned_widths, interpolation_weights, level_points, level_widths
+from compressor.latency.micro import CostItem
 from compressor.plan import PlanOptions
 from compressor.surgery import apply_plan
 from tests.graphs import GraphBuilder, head
@@ -153,6 +154,20 @@ def test_aligned_widths_and_interpolation():
     weights = interpolation_weights([8, 16, 32], [8, 12, 24, 32])
     np.testing.assert_allclose(weights @ np.array([1.0, 2.0, 6.0]), [1.0, 1.5, 4.0, 6.0])
     np.testing.assert_allclose(interpolation_weights([32], [8, 32]), [[1.0], [1.0]])
+
+
+@pytest.mark.parametrize("level", [1, 2, 3])
+def test_item_tables_reproduce_a_bilinear_cost(level):
+    item = CostItem(0, "conv", "layer", ("conv",), ("x",), ("y",), (0, 1), frozenset())
+    sizes, floors = (64, 96), (8, 8)
+    widths = [level_widths(size, floor, 8, level) for size, floor in zip(sizes, floors)]
+    cost = lambda a, b: 0.002 * a * b  # noqa: E731 - time proportional to input x output channels
+    known = {p: cost(*p) for p in level_points(sizes, widths, level)}
+    assert len(known) == (len(widths[0]) * len(widths[1]) if level == 3 else len(widths[0]) + len(widths[1]) - 1)
+    item_table = ItemTable.from_points(item, widths, level, known)
+    a, b = np.array([8, 24, 40, 64]), np.array([16, 48, 96])
+    np.testing.assert_allclose(item_table.dense([a, b]), cost(a[:, None], b[None, :]), rtol=1e-9)
+    assert item_table.at({0: 24}) == pytest.approx(cost(24, 96))
 
 
 # ------------------------------------------------------------------------------------------------------ importance
@@ -337,3 +352,16 @@ def test_cli_latency_end_to_end(tmp_path):
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and bad.stderr.startswith("error: ")
     both = run_cli(str(model), "--target", "latency", "--ratio", "0.5", "--latency-ms", "1", "-o", str(out), env=env)
     assert both.returncode == 2 and "not both" in both.stderr
+
+
+def test_macs_ratio_caps_the_macs_as_well(cache_dir, monkeypatch):
+    monkeypatch.setattr(table, "measure_ms", fake_ms(per_layer_ms=1.0, per_gmac_ms=1.0))  # latency: layer count
+    analysis = analyze(residual_net(blocks=3))
+    request = resolve_request("latency", 0.2, "cpu:1", 1, None, None, settings=FAST)
+    loose = plan_for_latency(analysis, "l1", PlanOptions(0.2, "latency"), request)
+    capped = plan_for_latency(analysis, "l1", PlanOptions(0.2, "latency", extra={"macs_ratio": "0.6"}), request)
+    assert analysis.cost(loose.plan)[0] > 0.4 * analysis.macs
+    assert analysis.cost(capped.plan)[0] <= 0.4 * analysis.macs * 1.001
+    assert capped.predicted_ms <= capped.budget_ms and capped.info["macs_ratio"] == 0.6
+    with pytest.raises(CompressorError, match="macs_ratio"):
+        plan_for_latency(analysis, "l1", PlanOptions(0.2, "latency", extra={"macs_ratio": "half"}), request)

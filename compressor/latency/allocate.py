@@ -12,7 +12,10 @@ a greedy (as in latency-saliency knapsack pruning, HALP) re-prices every move on
 2. Refill. The last move usually overshoots; while something fits back under the budget, take the move that gains
    the most importance per added millisecond: widen a group or restore a dropped block.
 
-Everything is in the latency model's units: Σ item milliseconds S, with predicted = scale · S + offset.
+Everything is in the latency model's units: Σ item milliseconds S, with predicted = scale · S + offset. An optional
+second budget caps the MACs as well (e.g. "half the latency at no more than half the MACs"); a move is then credited
+with its progress towards each budget still missed, as a fraction of what that budget misses, and a refill must fit
+in both.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-EPS_MS = 1e-9
+EPS = 1e-9
 
 
 @dataclass
@@ -37,12 +40,13 @@ class GroupChoice:
 
 @dataclass
 class ItemCost:
-    """One measured item: the groups it depends on, the blocks that remove it, and its cost (ms) at every
-    combination of candidate-width indices of those groups (an array with one axis per dim)."""
+    """One measured item: the groups it depends on, the blocks that remove it, and its cost at every combination of
+    candidate-width indices of those groups (arrays with one axis per dim): `table` in ms, `macs` (optional)."""
 
     dims: tuple[int, ...]
     blocks: frozenset[int]
     table: np.ndarray
+    macs: np.ndarray | None = None
 
 
 @dataclass
@@ -55,7 +59,7 @@ class BlockChoice:
 
 @dataclass
 class Allocation:
-    """The chosen widths (per group) and dropped blocks, with the predicted latency and the importance kept."""
+    """The chosen widths (per group) and dropped blocks, with Σ item ms and MACs and the importance kept."""
 
     widths: dict[int, int]
     dropped: set[int]
@@ -63,34 +67,39 @@ class Allocation:
     kept_value: float
     total_value: float
     met: bool
+    macs: float = 0.0
     moves: list[str] = field(default_factory=list)
 
 
 class _State:
     def __init__(self, groups: dict[int, GroupChoice], items: list[ItemCost], blocks: dict[int, BlockChoice]):
-        self.groups, self.items, self.blocks = groups, items, blocks
+        self.groups, self.blocks = groups, blocks
+        self.items = [i if i.macs is not None else ItemCost(i.dims, i.blocks, i.table, np.zeros_like(i.table))
+                      for i in items]
         self.index = {g: len(c.widths) - 1 for g, c in groups.items()}
         self.dropped: set[int] = set()
         self.by_group: dict[int, list[ItemCost]] = {g: [] for g in groups}
-        for item in items:
+        for item in self.items:
             for d in item.dims:
                 self.by_group[d].append(item)
-        self.by_block = {b: [i for i in items if b in i.blocks] for b in blocks}
+        self.by_block = {b: [i for i in self.items if b in i.blocks] for b in blocks}
         self.internal_of = {g: {b for b, c in blocks.items() if g in c.internal} for g in groups}
 
     def alive(self, item: ItemCost, dropped: set[int] | None = None) -> bool:
         return not (item.blocks & (self.dropped if dropped is None else dropped))
 
-    def cost(self, item: ItemCost) -> float:
-        return float(item.table[tuple(self.index[d] for d in item.dims)])
+    def cost(self, item: ItemCost) -> np.ndarray:
+        """[ms, MACs] of the item at the current widths."""
+        at = tuple(self.index[d] for d in item.dims)
+        return np.array([item.table[at], item.macs[at]], dtype=np.float64)
 
     def along(self, item: ItemCost, g: int) -> np.ndarray:
-        """The item's cost at every candidate width of group g, the other groups at their current widths."""
-        index = tuple(slice(None) if d == g else self.index[d] for d in item.dims)
-        return np.asarray(item.table[index], dtype=np.float64)
+        """[candidates of g, 2]: the item's ms and MACs at every candidate width of g, the others as they are."""
+        at = tuple(slice(None) if d == g else self.index[d] for d in item.dims)
+        return np.stack([item.table[at], item.macs[at]], axis=-1).astype(np.float64)
 
-    def total(self) -> float:
-        return sum(self.cost(i) for i in self.items if self.alive(i))
+    def total(self) -> np.ndarray:
+        return sum((self.cost(i) for i in self.items if self.alive(i)), np.zeros(2))
 
     def live(self, g: int) -> bool:
         return not (self.internal_of[g] & self.dropped)
@@ -103,8 +112,8 @@ class _State:
                    if not ((self.internal_of[g] - {b}) & self.dropped))
 
     def group_curve(self, g: int) -> np.ndarray:
-        """Σ over g's alive items of their cost at each candidate width of g."""
-        curve = np.zeros(len(self.groups[g].widths))
+        """[candidates of g, 2]: Σ over g's alive items of their ms and MACs at each candidate width of g."""
+        curve = np.zeros((len(self.groups[g].widths), 2))
         for item in self.by_group[g]:
             if self.alive(item):
                 curve += self.along(item, g)
@@ -112,63 +121,78 @@ class _State:
 
 
 def allocate_latency(groups: dict[int, GroupChoice], items: list[ItemCost], blocks: dict[int, BlockChoice],
-                     budget_items_ms: float) -> Allocation:
-    """Greedy remove-then-refill allocation (see the module docstring) bringing Σ item ms to `budget_items_ms`.
+                     budget_items_ms: float, budget_macs: float | None = None) -> Allocation:
+    """Greedy remove-then-refill allocation (see the module docstring) bringing Σ item ms to `budget_items_ms`
+    (and Σ item MACs to `budget_macs` when given).
 
     The returned predicted_ms is Σ item ms of the result (the caller applies scale and offset); met says whether
-    the budget was reached (when not, everything that saves time was taken).
+    the budgets were reached (when not, everything that saves time was taken).
     """
     state = _State(groups, items, blocks)
+    budget = np.array([budget_items_ms, np.inf if budget_macs is None else budget_macs], dtype=np.float64)
     total_value = state.value()
-    current = state.total()
     moves: list[str] = []
-    while current > budget_items_ms + EPS_MS:
-        move = _best_removal(state, current - budget_items_ms)
+    while True:
+        missing = state.total() - budget
+        if not (missing > EPS * np.maximum(1.0, np.abs(budget))).any():
+            break
+        move = _best_removal(state, np.maximum(missing, 0.0))
         if move is None:
             break
         moves.append(_apply(state, move))
-        current = state.total()
-    while True:
-        move = _best_refill(state, budget_items_ms - state.total())
+    met = bool((state.total() <= budget * (1 + 1e-9) + EPS).all())
+    while met:
+        move = _best_refill(state, budget - state.total(), budget)
         if move is None:
             break
         moves.append(_apply(state, move))
     final = state.total()
     widths = {g: int(c.widths[state.index[g]]) for g, c in groups.items()}
-    return Allocation(widths, set(state.dropped), final, state.value(), total_value,
-                      final <= budget_items_ms + 1e-6, moves)
+    return Allocation(widths, set(state.dropped), float(final[0]), state.value(), total_value,
+                      bool((final <= budget * (1 + 1e-9) + EPS).all()), float(final[1]), moves)
 
 
-def _best_removal(state: _State, missing_ms: float):
-    """(ratio, saved_ms, kind, key, index) of the cheapest importance-per-saved-ms move (savings credited up to
-    `missing_ms`), or None."""
+def _credit(saved: np.ndarray, missing: np.ndarray) -> np.ndarray:
+    """Progress of savings [..., 2] towards the missed budgets: Σ over missed r of min(saved_r, missing_r)/missing_r."""
+    unmet = missing > 0
+    safe = np.where(unmet, missing, 1.0)
+    return (np.where(unmet, np.clip(saved, 0.0, None), 0.0).clip(max=safe) / safe).sum(axis=-1)
+
+
+def _best_removal(state: _State, missing: np.ndarray):
+    """(ratio, credit, kind, key, index) of the move losing the least importance per unit of progress, or None."""
     best = None
     for g, choice in state.groups.items():
         cur = state.index[g]
         if cur <= choice.min_index or not state.live(g):
             continue
         curve = state.group_curve(g)
-        saved = curve[cur] - curve[choice.min_index:cur]
+        credit = _credit(curve[cur] - curve[choice.min_index:cur], missing)
         lost = choice.values[cur] - choice.values[choice.min_index:cur]
-        ok = saved > EPS_MS
+        ok = credit > EPS
         if not ok.any():
             continue
-        ratios = np.where(ok, lost / np.where(ok, np.minimum(saved, missing_ms), 1.0), np.inf)
+        ratios = np.where(ok, lost / np.where(ok, credit, 1.0), np.inf)
         j = int(np.argmin(ratios))
-        candidate = (float(ratios[j]), float(saved[j]), "narrow", g, choice.min_index + j)
-        best = _better(best, candidate)
+        best = _better(best, (float(ratios[j]), float(credit[j]), "narrow", g, choice.min_index + j))
     for b in state.blocks:
         if b in state.dropped:
             continue
-        saved = sum(state.cost(i) for i in state.by_block[b] if state.alive(i))
-        if saved > EPS_MS:
-            best = _better(best, (state.block_value(b) / min(saved, missing_ms), saved, "drop", b, None))
+        saved = sum((state.cost(i) for i in state.by_block[b] if state.alive(i)), np.zeros(2))
+        credit = float(_credit(saved, missing))
+        if credit > EPS:
+            best = _better(best, (state.block_value(b) / credit, credit, "drop", b, None))
     return best
 
 
-def _best_refill(state: _State, slack_ms: float):
-    """The move adding the most importance per added ms that still fits in `slack_ms`, or None."""
+def _best_refill(state: _State, slack: np.ndarray, budget: np.ndarray):
+    """The move adding the most importance per added share of the budgets that fits in `slack`, or None."""
     best = None
+    tolerance = 1e-9 * np.where(np.isfinite(budget), np.abs(budget), 0.0) + EPS
+
+    def share(added: np.ndarray) -> np.ndarray:
+        return np.maximum((added / np.where(np.isfinite(budget), budget, np.inf)).max(axis=-1), EPS)
+
     for g, choice in state.groups.items():
         cur = state.index[g]
         if cur >= len(choice.widths) - 1 or not state.live(g):
@@ -176,36 +200,36 @@ def _best_refill(state: _State, slack_ms: float):
         curve = state.group_curve(g)
         added = curve[cur + 1:] - curve[cur]
         gained = choice.values[cur + 1:] - choice.values[cur]
-        fits = (added <= slack_ms + 1e-9) & (gained > 0)
+        fits = (added <= slack + tolerance).all(axis=-1) & (gained > 0)
         if not fits.any():
             continue
-        gain_per_ms = np.where(fits, gained / np.maximum(added, EPS_MS), -np.inf)
-        j = int(np.argmax(gain_per_ms))
-        best = _better(best, (-float(gain_per_ms[j]), -float(added[j]), "widen", g, cur + 1 + j))
+        gain_per_share = np.where(fits, gained / share(added), -np.inf)
+        j = int(np.argmax(gain_per_share))
+        best = _better(best, (-float(gain_per_share[j]), -float(share(added[j])), "widen", g, cur + 1 + j))
     for b in sorted(state.dropped):
         restored = set(state.dropped) - {b}
-        added = sum(state.cost(i) for i in state.by_block[b] if state.alive(i, restored))
+        added = sum((state.cost(i) for i in state.by_block[b] if state.alive(i, restored)), np.zeros(2))
         gained = state.block_value(b)
-        if gained > 0 and added <= slack_ms + 1e-9:
-            best = _better(best, (-gained / max(added, EPS_MS), -added, "restore", b, None))
+        if gained > 0 and (added <= slack + tolerance).all():
+            best = _better(best, (-gained / float(share(added)), -float(share(added)), "restore", b, None))
     return best
 
 
 def _better(best, candidate):
-    """Lower ratio wins; on a tie, the larger saving (or smaller addition)."""
+    """Lower ratio wins; on a tie, the larger progress (or the smaller addition)."""
     if best is None or (candidate[0], -candidate[1]) < (best[0], -best[1]):
         return candidate
     return best
 
 
 def _apply(state: _State, move) -> str:
-    _, ms, kind, key, index = move
+    kind, key, index = move[2], move[3], move[4]
     if kind in ("narrow", "widen"):
         old = int(state.groups[key].widths[state.index[key]])
         state.index[key] = index
-        return f"{kind} group {key}: {old} -> {int(state.groups[key].widths[index])} ({ms:+.4g} ms)"
+        return f"{kind} group {key}: {old} -> {int(state.groups[key].widths[index])}"
     if kind == "drop":
         state.dropped.add(key)
     else:
         state.dropped.discard(key)
-    return f"{kind} block {key} ({ms:+.4g} ms)"
+    return f"{kind} block {key}"

@@ -2,7 +2,8 @@
 
 The method supplies importance (importance.py), the latency model supplies cost (table.py), the allocation
 (allocate.py) chooses aligned widths per group and dropped blocks; the plan keeps, in each group, the best-scored
-units, exactly as the MAC-targeted allocators do.
+units, exactly as the MAC-targeted allocators do. The method option `macs_ratio` (`-O macs_ratio=0.5`) also asks
+for at least that fraction of the MACs removed.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def plan_for_latency(analysis, method: str, options, request: LatencyRequest, pr
     droppable = {b.index for b in analysis.blocks} - analysis.excluded_blocks(options.exclude)
     if not variable and not droppable:
         raise CompressorError("nothing prunable: every channel is blocked (graph outputs, unsupported ops or --exclude)")
+    macs_ratio = _macs_ratio(options.extra)
     scores, score_note = method_scores(method, analysis, options, sorted(variable))
     floors = {g: _floor(analysis.groups[g], options.min_channels) for g in variable}
     model = build_latency_model(analysis, floors, droppable, request, options.round_to, progress)
@@ -47,9 +49,14 @@ def plan_for_latency(analysis, method: str, options, request: LatencyRequest, pr
                               f"measured {model.full_ms:.4g} ms <= {budget:.4g} ms")
     groups = _group_choices(analysis, floors, scores, model.alignment)
     candidates = {g: c.widths for g, c in groups.items()}
-    items = [ItemCost(t.item.dims, t.item.blocks, t.dense([candidates[d] for d in t.item.dims])) for t in model.tables]
+    items = [ItemCost(t.item.dims, t.item.blocks, t.dense([candidates[d] for d in t.item.dims]),
+                      item_macs(analysis, t.item, [candidates[d] for d in t.item.dims])) for t in model.tables]
+    macs_budget = None
+    if macs_ratio is not None:
+        other_macs = analysis.macs - sum(float(i.macs[tuple(-1 for _ in i.dims)]) for i in items)
+        macs_budget = (1.0 - macs_ratio) * analysis.macs - other_macs
     blocks = {b: BlockChoice(b, _internal_groups(analysis, b, model, variable)) for b in sorted(droppable)}
-    allocation = allocate_latency(groups, items, blocks, (budget - model.offset_ms) / model.scale)
+    allocation = allocate_latency(groups, items, blocks, (budget - model.offset_ms) / model.scale, macs_budget)
     dead = {g for b in allocation.dropped for g in blocks[b].internal}
     keep = {g: w for g, w in allocation.widths.items() if g not in dead and w < analysis.groups[g].size}
     plan = plan_from_counts(analysis, scores, keep)
@@ -60,18 +67,57 @@ def plan_for_latency(analysis, method: str, options, request: LatencyRequest, pr
         raise CompressorError(f"no pruning saves latency on {request.target} at batch {request.batch} under the "
                               f"measured latency model (measured {model.full_ms:.4g} ms, budget {budget:.4g} ms)")
     info = _report_section(request, model, budget, predicted, allocation, method, score_note)
+    info["macs_ratio"] = macs_ratio
     plan.notes.append(f"latency on {request.target} batch {request.batch}: measured {model.full_ms:.4g} ms, budget "
                       f"{budget:.4g} ms, predicted {predicted:.4g} ms (alignment {model.alignment}, "
                       f"{model.info['measured']} timed, {model.info['cache_hits']} from the cache)")
     if score_note:
         plan.notes.append(score_note)
     if not allocation.met:
-        plan.notes.append(f"the latency budget is out of reach under the latency model: every saving taken, predicted "
-                          f"{predicted:.4g} ms for a budget of {budget:.4g} ms")
+        plan.notes.append(f"the latency budget{' or the MAC cap' if macs_ratio else ''} is out of reach under the latency "
+                          f"model: every saving taken, predicted {predicted:.4g} ms for a budget of {budget:.4g} ms")
     if model.info["skipped_over_budget"]:
         plan.notes.append(f"--profile-budget reached: {model.info['skipped_over_budget']} measurements skipped, "
                           f"some layers use a coarser width grid")
     return LatencyPlan(plan, model, budget, predicted, info)
+
+
+def _macs_ratio(extra: dict) -> float | None:
+    raw = extra.get("macs_ratio")
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not 0.0 < value < 1.0:
+        raise CompressorError(f"macs_ratio must be a fraction in (0, 1), got '{raw}'")
+    return value
+
+
+def item_macs(analysis, item, candidates: list) -> np.ndarray:
+    """MACs of an item at every combination of candidate widths of its dims: each MAC term scales with the kept
+    fraction of its input and of its output units (the engine's own cost model, Analysis.cost)."""
+    shape = [len(c) for c in candidates]
+    total = np.zeros(shape)
+    names = set(item.nodes)
+    for term in analysis.mac_terms:
+        if term.node not in names or not term.macs:
+            continue
+        value = np.full(shape, float(term.macs))
+        for units in (term.in_units, term.out_units):
+            if units is None or not len(units):
+                continue
+            owners = np.array([analysis.unit_group.get(int(u), -1) for u in units])
+            fraction = np.full(shape, float(np.isin(owners, item.dims, invert=True).sum()))
+            for axis, (g, widths) in enumerate(zip(item.dims, candidates)):
+                count = int((owners == g).sum())
+                if count:
+                    along = np.asarray(widths, dtype=np.float64) * count / analysis.groups[g].size
+                    fraction = fraction + along.reshape([-1 if a == axis else 1 for a in range(len(shape))])
+            value = value * fraction / len(units)
+        total += value
+    return total
 
 
 def _floor(group, min_channels: int) -> int:

@@ -16,7 +16,7 @@ class ProfileSettings:
     """How each micro-model and the whole model are timed (medians of timed runs after a warm-up).
 
     The number of timed runs adapts to the layer: enough to fill about `seconds_per_point` of timing, between
-    `min_runs` and `max_runs`. `max_level` bounds the grid refinement (see table.LEVEL_FRACTIONS). The whole network
+    `min_runs` and `max_runs`. `max_level` bounds the table refinement (see grid.py). The whole network
     is timed for about `calibration_seconds` (`calibration_runs` to 10x as many runs).
     """
 
@@ -26,7 +26,7 @@ class ProfileSettings:
     seconds_per_point: float = 0.15
     calibration_runs: int = 10
     calibration_seconds: float = 2.0
-    max_level: int = 2
+    max_level: int = 3
     check_warmup: int | None = None  # the after-surgery check (None: 20 on GPUs, 3 on CPUs)
     check_runs: int | None = None  # (None: 200 on GPUs, 20 on CPUs)
 

@@ -17,8 +17,9 @@ blocks (or with an implausible fit) one measurement fixes an additive residual (
 
 Widths. Candidate widths are multiples of an alignment chosen per target from measurements (`choose_alignment`):
 the smallest of 8, 16, 32 whose widths are not slower than the straight line through 64-aligned widths; 64 if none
-is. The grid is refined level by level (LEVEL_FRACTIONS: full width; half; quarters; eighths), the most expensive
-items first, until the level limit or the profile budget is reached; an item uses its finest complete level.
+is. The items' tables are refined level by level (grid.py: full width; sweeps at half and the narrowest width;
+quarters; the cross grid), the most expensive items first, until the level limit or the profile budget is reached;
+an item uses its finest complete level.
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ import onnx
 
 from compressor.errors import CompressorError
 from compressor.latency.cache import LatencyCache, context_of
+from compressor.latency.grid import GRID_LEVEL, MAX_GRID_DIMS, ItemTable, level_points, level_widths
 from compressor.latency.micro import CostItem, find_items, micro_model, structure_key
 from compressor.latency.request import LatencyRequest, ProfileSettings
 
-LEVEL_FRACTIONS = ((1.0,), (0.5,), (0.25, 0.75), (0.125, 0.375, 0.625, 0.875))
 ALIGNMENTS = (8, 16, 32)
 PROBE_SPAN = 64
 ALIGNMENT_TOLERANCE = 0.05
@@ -72,61 +73,7 @@ def overhead_model() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-def aligned_widths(size: int, fractions, alignment: int, floor: int = 1) -> list[int]:
-    """Widths for the given fractions of `size`, rounded to multiples of `alignment` no smaller than `floor`,
-    plus `size` itself; with more than one fraction, also the narrowest such multiple (so the allocation never
-    extrapolates below the grid). A group with no such multiple below its size has only its own width."""
-    smallest = max(alignment, -(-int(floor) // alignment) * alignment)
-    widths = {int(size)}
-    if smallest < size:
-        for f in fractions:
-            widths.add(int(min(size, max(smallest, round(f * size / alignment) * alignment))))
-        if len(fractions) > 1:
-            widths.add(smallest)
-    return sorted(widths)
-
-
-def interpolation_weights(grid, points) -> np.ndarray:
-    """Matrix [len(points), len(grid)]: linear interpolation on the sorted `grid` (linear extrapolation below its
-    first node, constant above its last); a one-node grid gives a constant."""
-    grid = np.asarray(grid, dtype=np.float64)
-    points = np.asarray(points, dtype=np.float64)
-    weights = np.zeros((len(points), len(grid)))
-    if len(grid) == 1:
-        weights[:, 0] = 1.0
-        return weights
-    j = np.clip(np.searchsorted(grid, points, side="right") - 1, 0, len(grid) - 2)
-    t = (points - grid[j]) / (grid[j + 1] - grid[j])
-    t = np.minimum(t, 1.0)
-    rows = np.arange(len(points))
-    weights[rows, j] = 1.0 - t
-    weights[rows, j + 1] += t
-    return weights
-
-
-# --------------------------------------------------------------------------------------------------------- tables
-@dataclass
-class ItemTable:
-    """Net milliseconds of one item at a grid of kept widths (one axis per group in item.dims)."""
-
-    item: CostItem
-    grids: tuple[tuple[int, ...], ...]
-    values: np.ndarray
-    level: int
-
-    def dense(self, candidates: list) -> np.ndarray:
-        """The interpolated table at every combination of candidate widths (one array per dim), never negative."""
-        out = self.values
-        for axis, (grid, points) in enumerate(zip(self.grids, candidates)):
-            out = np.moveaxis(np.tensordot(interpolation_weights(grid, points), out, axes=([1], [axis])), 0, axis)
-        return np.maximum(out, 0.0)
-
-    def at(self, widths: dict[int, int]) -> float:
-        """Net milliseconds at the given kept widths (missing groups: full width)."""
-        points = [[widths.get(g, grid[-1])] for g, grid in zip(self.item.dims, self.grids)]
-        return float(self.dense(points).reshape(-1)[0]) if self.item.dims else float(max(self.values.item(), 0.0))
-
-
+# ------------------------------------------------------------------------------------------------------ the model
 @dataclass
 class LatencyModel:
     """Everything the allocation and the report need: the item tables, alignment, calibration and statistics."""
@@ -307,52 +254,37 @@ def choose_alignment(profiler: Profiler, items: list[CostItem], sizes: dict[int,
 
 def _refine(profiler: Profiler, items: list[CostItem], sizes: dict[int, int], floors: dict[int, int],
             full: dict[int, float], alignment: int, max_level: int) -> list[ItemTable]:
-    """Measure the items level by level (most expensive first) and keep each item's finest complete grid."""
-    known: dict[int, dict[tuple[int, ...], float]] = {i.index: {tuple(sizes[g] for g in i.dims): full[i.index]} for i in items}
+    """Measure the items level by level (most expensive first) and keep each item's finest complete level."""
+    def widths(item: CostItem, level: int) -> list[list[int]]:
+        return [level_widths(sizes[g], floors[g], alignment, level) for g in item.dims]
+
+    known = {i.index: {tuple(sizes[g] for g in i.dims): full[i.index]} for i in items}
     levels = {i.index: 0 for i in items}
     order = sorted(items, key=lambda i: -full[i.index])
     for level in range(1, max_level + 1):
         for item in order:
-            if not item.dims or levels[item.index] != level - 1 or (len(item.dims) > 2 and level > 1):
+            if not item.dims or levels[item.index] != level - 1 or (level >= GRID_LEVEL and len(item.dims) > MAX_GRID_DIMS):
                 continue
-            grids = _grids(item, sizes, floors, alignment, level)
             complete = True
-            for point in _product(grids):
-                if point in known[item.index]:
-                    continue
-                ms = profiler.item_ms(item, dict(zip(item.dims, point)), optional=True)
-                if ms is None:
-                    complete = False
-                    break
-                known[item.index][point] = ms
+            for point in level_points(tuple(sizes[g] for g in item.dims), widths(item, level), level):
+                if point not in known[item.index]:
+                    ms = profiler.item_ms(item, dict(zip(item.dims, point)), optional=True)
+                    if ms is None:
+                        complete = False
+                        break
+                    known[item.index][point] = ms
             if complete:
                 levels[item.index] = level
-    tables = []
-    for item in items:
-        grids = _grids(item, sizes, floors, alignment, levels[item.index])
-        values = np.array([known[item.index][p] for p in _product(grids)]).reshape([len(g) for g in grids])
-        tables.append(ItemTable(item, tuple(tuple(g) for g in grids), values, levels[item.index]))
-    return tables
-
-
-def _grids(item: CostItem, sizes: dict[int, int], floors: dict[int, int], alignment: int, level: int) -> list[list[int]]:
-    fractions = [f for lv in LEVEL_FRACTIONS[: level + 1] for f in lv]
-    return [aligned_widths(sizes[g], fractions, alignment, floors[g]) for g in item.dims]
-
-
-def _product(grids: list[list[int]]) -> list[tuple[int, ...]]:
-    points: list[tuple[int, ...]] = [()]
-    for grid in grids:
-        points = [p + (w,) for p in points for w in grid]
-    return points
+    return [ItemTable.from_points(item, widths(item, levels[item.index]), levels[item.index], known[item.index])
+            for item in items]
 
 
 def calibrate(tables: list[ItemTable], full_ms: float, skeleton_ms: float | None, droppable: set[int]) -> LatencyModel:
     """Fit scale and offset to the whole network (and its skeleton, when there is one); see the module docstring."""
-    s_full = sum(t.at({}) for t in tables)
+    s_full = sum(t.full_ms for t in tables)
     model = LatencyModel(tables, ALIGNMENTS[0], 1.0, full_ms - s_full, full_ms, skeleton_ms, "additive")
     if skeleton_ms is not None:
-        s_skeleton = sum(t.at({}) for t in tables if not (t.item.blocks & droppable))
+        s_skeleton = sum(t.full_ms for t in tables if not (t.item.blocks & droppable))
         if s_full > s_skeleton and full_ms > skeleton_ms:
             scale = (full_ms - skeleton_ms) / (s_full - s_skeleton)
             offset = full_ms - scale * s_full
