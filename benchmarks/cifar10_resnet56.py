@@ -10,8 +10,9 @@ the commands. Rows (--rows, in this order):
   amsc-uniform      AMSC both, uniform group weights      amsc-reverse  AMSC both, reverse weights
   graph-rw, l1      engine plan on the baseline's export -> frozen mask -> fine-tune
   gsm-structured    GSM on filter groups at --ratio        gsm-unstructured  GSM at 10% non-zero weights
-Pruned rows start from the baseline checkpoint (this run's, or --baseline PATH from an earlier run) and all get
---finetune-epochs of fine-tuning after their sparse phase. Results go to --out as cifar10_resnet56.{json,md} and
+Pruned rows start from the baseline checkpoint (this run's, or --baseline PATH from an earlier run, which the
+baseline row then only evaluates, exports and times) and all get --finetune-epochs of fine-tuning after their
+sparse phase. Results go to --out as cifar10_resnet56.{json,md} and
 log.txt (and baseline.pt, for a later call with --baseline); the work files stay in --work.
 
 GPU machine, one call (the lead's five part calls first; see ../shared/device/README.md):
@@ -89,8 +90,8 @@ def row_argv(row: str, args: argparse.Namespace, init: str, work: Path) -> list[
               "--lr", str(args.lr), "--device", args.device, "-o", str(work / row)]
     if args.limit:
         common += ["--limit", str(args.limit)]
-    if row == "baseline":
-        return common + ["--epochs", str(args.baseline_epochs)]
+    if row == "baseline":  # with --baseline: 0 epochs, i.e. evaluate, export and time the given checkpoint
+        return common + ["--epochs", "0" if args.baseline else str(args.baseline_epochs)]
     tune = common + ["--epochs", str(args.finetune_epochs)]
     if row.startswith("amsc"):
         dims = {"amsc-depth": "depth-only", "amsc-width": "width-only"}.get(row, "both")
@@ -112,7 +113,7 @@ def row_seconds(row: str, args: argparse.Namespace, epoch_seconds: float) -> flo
     """Expected seconds of a row (AMSC: a typical search, 3 s of export + engine per trial), for the time guard."""
     fixed = 15.0  # evaluation, export, slimming, checks
     if row == "baseline":
-        return args.baseline_epochs * epoch_seconds + fixed
+        return (0 if args.baseline else args.baseline_epochs) * epoch_seconds + fixed
     if row.startswith("amsc"):
         stages = 2 if row in ("amsc", "amsc-uniform", "amsc-reverse") else 1
         trials = stages * (args.grid_points + args.refine + 1) + (stages - 1)
@@ -325,9 +326,6 @@ def main(argv: list[str] | None = None) -> int:
     epoch_seconds = 3.0  # until measured; ResNet-56 on an H100/H200 at batch 512, bf16, resident data: ~2.2-3 s
     reserve = 0.0 if args.no_latency else 30.0
     for row in rows:
-        if row == "baseline" and args.baseline:
-            result["skipped"][row] = f"using --baseline {args.baseline}"
-            continue
         if row != "baseline" and not baseline_pt:
             result["skipped"][row] = "no baseline checkpoint (run the baseline row or pass --baseline)"
             continue
@@ -337,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
             result["skipped"][row] = f"time: ~{need:.0f} s needed, {args.time_limit - elapsed - reserve:.0f} s left"
             log(f"skip {row}: {result['skipped'][row]}")
             continue
-        argv_row = row_argv(row, args, checkpoints[0].as_posix() if row == "baseline" else baseline_pt, work)
+        init = (args.baseline or checkpoints[0].as_posix()) if row == "baseline" else baseline_pt
+        argv_row = row_argv(row, args, init, work)
         log(f"row {row}: compress train {shlex.join(argv_row)}")
         try:
             run_row(argv_row)
@@ -346,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"row {row} FAILED:\n{traceback.format_exc()}")
             continue
         metrics = json.loads((work / f"{row}.json").read_text())
-        if row == "baseline":
+        if row == "baseline" and not args.baseline:
             baseline_pt = str(work / "baseline.pt")
             shutil.copy(baseline_pt, out / "baseline.pt")
             epochs = [h["seconds"] for h in metrics["history"]]

@@ -38,7 +38,7 @@ def _command_line(ctx: typer.Context) -> str:
 @app.command()
 def train(
     ctx: typer.Context,
-    model: str = typer.Option("resnet56", "--model", help="resnet20|32|44|56|110, vgg16_bn, or tv:NAME (torchvision)."),
+    model: str = typer.Option("resnet56", "--model", help="resnet8|20|32|44|56|110, vgg16_bn, or tv:NAME (torchvision, random init)."),
     init: Optional[Path] = typer.Option(None, "--init", help="Checkpoint to start from (published .th or our .pt)."),
     data: Path = typer.Option(..., "--data", help="Folder with cifar10-train.tar.xz and cifar10-test.tar.xz."),
     out: Path = typer.Option(..., "--out", "-o", help="Output prefix: writes OUT.pt, OUT.onnx, OUT.slim.onnx, OUT.json."),

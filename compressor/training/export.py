@@ -17,6 +17,7 @@ import contextlib
 import copy
 import io
 import logging
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -170,9 +171,10 @@ def removed_macs_fraction(model: nn.Module, workdir: str | Path, image_size: int
     a slim file or verifying (fast; used while searching AMSC's lambda)."""
     from compressor.api import compress
 
-    path = Path(workdir) / "probe.onnx"
-    export_onnx(model, path, dynamo=False, image_size=image_size)
-    report = compress(str(path), method="zeros", verify=False).report
+    with tempfile.TemporaryDirectory(prefix="compressor-probe-", dir=workdir) as scratch:
+        path = Path(scratch) / "probe.onnx"
+        export_onnx(model, path, dynamo=False, image_size=image_size)
+        report = compress(str(path), method="zeros", verify=False).report
     return {
         "macs_before": int(report["macs_before"]), "macs_after": int(report["macs_after"]),
         "params_before": int(report["params_before"]), "params_after": int(report["params_after"]),

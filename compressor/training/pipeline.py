@@ -67,6 +67,10 @@ class TrainJob:
             raise CompressorError("--ratio is required with --prune and with --method gsm")
         if self.exporter not in ("auto", "dynamo", "torchscript"):
             raise CompressorError(f"unknown exporter '{self.exporter}' (auto, dynamo or torchscript)")
+        if self.method == "amsc":
+            replace(self.amsc, ratio=self.ratio if self.ratio is not None else self.amsc.ratio).validate()
+        if self.init and not Path(self.init).is_file():
+            raise CompressorError(f"checkpoint not found: {self.init}")
 
 
 def out_prefix(out: str | Path) -> Path:
