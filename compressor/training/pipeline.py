@@ -118,6 +118,7 @@ def run_job(job: TrainJob, data: CifarData | None = None, log: LogFn | None = pr
     training and an empty export section)."""
     job.validate()
     started = time.perf_counter()
+    out_prefix(job.out).parent.mkdir(parents=True, exist_ok=True)
     ctx = init_distributed(job.device)
     say = _log_to(ctx, log)
     try:
