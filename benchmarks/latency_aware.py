@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parent))
 
 NAME = "latency_aware"
 MODELS = ("resnet50", "mobilenet_v2")
@@ -46,10 +47,18 @@ def log(message: str) -> None:
 def export_model(name: str, path: str, seed: int = 0) -> None:
     """Export a torchvision model (weights=None, seeded) to ONNX: opset 17, 1x3x224x224, dynamic batch axis."""
     import torch
-    import torchvision
 
     torch.manual_seed(seed)
-    model = getattr(torchvision.models, name)(weights=None).eval()
+    try:
+        import torchvision
+
+        model = getattr(torchvision.models, name)(weights=None).eval()
+    except ImportError:
+        if name != "resnet50":
+            sys.exit(f"error: exporting {name} needs torchvision, which is not installed here")
+        from resnet50_latency import _resnet50_without_torchvision
+
+        model = _resnet50_without_torchvision().eval()
     torch.onnx.export(model, torch.randn(1, 3, 224, 224), path, dynamo=False, opset_version=17, input_names=["input"],
                       output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
 
@@ -64,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--method", default="l1", help="the scoring method")
     parser.add_argument("--ratio", type=float, default=0.5, help="fraction of the measured latency to remove")
     parser.add_argument("--macs-ratio", default="0.5", help="also remove at least this fraction of MACs ('none': no cap)")
-    parser.add_argument("--profile-budget", type=float, default=40.0, help="seconds of latency profiling per model "
+    parser.add_argument("--profile-budget", type=float, default=45.0, help="seconds of latency profiling per model "
                         "and target (a second run on the same machine reads the cache)")
     parser.add_argument("--warmup", type=int, help="warm-up runs per session (default: 20 GPU, 3 CPU)")
     parser.add_argument("--runs", type=int, help="timed runs per model (default: 200 GPU, 20 CPU)")

@@ -25,7 +25,8 @@ from compressor.latency import ProfileSettings, plan_for_latency, resolve_reques
 from compressor.latency.allocate import BlockChoice, GroupChoice, ItemCost, allocate_latency
 from compressor.latency.importance import kept_value, method_scores, unit_values
 from compressor.latency.micro import find_items, micro_model, structure_key
-from compressor.latency.grid import ItemTable, aligned_widths, interpolation_weights, level_points, level_widths
+from compressor.latency.grid import (ItemTable, aligned_widths, fit_fixed_share, interpolation_weights, level_points,
+                                     level_widths)
 from compressor.latency.micro import CostItem
 from compressor.plan import PlanOptions
 from compressor.surgery import apply_plan
@@ -147,6 +148,20 @@ def test_micro_model_has_the_shapes_surgery_gives_the_layer():
     assert len(shapes) == 2 and all(s == [3, 8, 8, 8] for s in shapes.values())
 
 
+@pytest.mark.parametrize("penalized, expected", [(1, 8), (16, 16), (64, 64)])
+def test_alignment_is_chosen_from_network_measurements(cache_dir, monkeypatch, penalized, expected):
+    def measure(model, target, batch, settings, calibration=False, input_shapes=None):
+        widths = [i.dims[0] for i in model.graph.initializer if len(i.dims) == 4]
+        slow = sum(w % penalized != 0 for w in widths)  # misaligned layers cost their network extra
+        return 0.01 + 1e-6 * model_cost(model, input_shapes).macs + 0.5 * slow
+
+    monkeypatch.setattr(table, "measure_ms", measure)
+    analysis, planned = plan_latency(residual_net(width=128, hw=4), ratio=0.3)
+    probe = planned.model.info["alignment_probe"]
+    assert probe["source"] == "measured on the network" and set(probe["ms_by_offset"]) == {"0", "8", "16", "32", "64"}
+    assert planned.model.alignment == expected
+
+
 def test_aligned_widths_and_interpolation():
     assert aligned_widths(96, [1.0], 16) == [96]
     assert aligned_widths(96, [1.0, 0.5, 0.25, 0.75], 16, floor=10) == [16, 32, 48, 64, 96]
@@ -168,6 +183,17 @@ def test_item_tables_reproduce_a_bilinear_cost(level):
     a, b = np.array([8, 24, 40, 64]), np.array([16, 48, 96])
     np.testing.assert_allclose(item_table.dense([a, b]), cost(a[:, None], b[None, :]), rtol=1e-9)
     assert item_table.at({0: 24}) == pytest.approx(cost(24, 96))
+
+
+def test_unmeasured_items_follow_the_fixed_share_fitted_on_measured_ones():
+    item = CostItem(0, "conv", "layer", ("conv",), ("x",), ("y",), (0,), frozenset())
+    widths = [level_widths(64, 8, 8, 2)]
+    measured = ItemTable.from_points(item, widths, 2, {(w,): 1.0 + 3.0 * w / 64 for w in widths[0]})  # a = 0.25
+    assert fit_fixed_share([measured]) == pytest.approx(0.25)
+    unmeasured = ItemTable.from_points(item, [[64]], 0, {(64,): 2.0})
+    unmeasured.fixed_share = 0.25
+    np.testing.assert_allclose(unmeasured.dense([np.array([16, 32, 64])]), 2.0 * (0.25 + 0.75 * np.array([0.25, 0.5, 1])))
+    assert fit_fixed_share([unmeasured]) is None
 
 
 # ------------------------------------------------------------------------------------------------------ importance

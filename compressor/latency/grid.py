@@ -7,6 +7,10 @@ Levels of refinement (each adds measurements; an item uses the finest level it c
     2  sweeps with quarters added (1/4, 3/4)
     3  the cross grid of the level-2 widths (items with at most two groups)
 
+An item left at level 0 by the profile budget is not taken as constant: it follows the target's own prior,
+T(k) = T_full · (a + (1 − a) · Π_d k_d / K_d), the kept fraction of its work with a fixed share `a` fitted on the
+items that were measured (`fit_fixed_share`; near 1 where launches dominate, e.g. GPUs at batch 1, small on CPUs).
+
 Sweeps are combined separably, T(a, b) ≈ T(a, B) · T(A, b) / T(A, B) (A, B the full widths): exact for a layer
 whose time is proportional to input × output channels or constant, and two sweeps cost far fewer measurements than
 a grid, which matters on GPUs where each micro-model costs a session and a cuDNN search. The cross grid, when
@@ -84,6 +88,7 @@ class ItemTable:
     full_ms: float
     curves: tuple[np.ndarray, ...] = ()
     values: np.ndarray | None = None
+    fixed_share: float = 1.0  # level 0 only: the prior's share of the time that does not shrink with the widths
 
     @classmethod
     def from_points(cls, item: CostItem, widths: list[list[int]], level: int, known: dict) -> "ItemTable":
@@ -97,6 +102,12 @@ class ItemTable:
 
     def dense(self, candidates: list) -> np.ndarray:
         """The interpolated cost at every combination of candidate widths (one array per dim), never negative."""
+        if self.level == 0:
+            work = np.ones([len(c) for c in candidates])
+            for axis, (grid, points) in enumerate(zip(self.grids, candidates)):
+                fraction = np.asarray(points, dtype=np.float64) / grid[-1]
+                work = work * fraction.reshape([-1 if a == axis else 1 for a in range(work.ndim)])
+            return np.maximum(self.full_ms * (self.fixed_share + (1.0 - self.fixed_share) * work), 0.0)
         if self.values is not None:
             out = self.values
             for axis, (grid, points) in enumerate(zip(self.grids, candidates)):
@@ -112,3 +123,20 @@ class ItemTable:
         """Net milliseconds at the given kept widths (missing groups: full width)."""
         points = [[widths.get(g, grid[-1])] for g, grid in zip(self.item.dims, self.grids)]
         return float(self.dense(points).reshape(-1)[0])
+
+
+def fit_fixed_share(tables: list[ItemTable]) -> float | None:
+    """Least-squares `a` in T/T_full = a + (1 − a)·w over every measured narrower point of the items measured
+    beyond level 0 (w: the kept fraction of the item's work); None when there is none."""
+    x, y = [], []
+    for t in tables:
+        if t.level == 0 or t.full_ms <= 0:
+            continue
+        for d, (grid, curve) in enumerate(zip(t.grids, t.curves)):
+            for width, ms in zip(grid[:-1], curve[:-1]):
+                x.append(1.0 - width / grid[-1])
+                y.append(ms / t.full_ms - width / grid[-1])
+    if not x or not any(x):
+        return None
+    x, y = np.array(x), np.array(y)
+    return float(np.clip((x * y).sum() / (x * x).sum(), 0.0, 1.0))

@@ -79,6 +79,9 @@ def plan_for_latency(analysis, method: str, options, request: LatencyRequest, pr
     if model.info["skipped_over_budget"]:
         plan.notes.append(f"--profile-budget reached: {model.info['skipped_over_budget']} measurements skipped, "
                           f"some layers use a coarser width grid")
+    if model.info["failed"]:
+        plan.notes.append(f"some layer widths could not be timed on {request.target} (e.g. {model.info['failed'][0]}); "
+                          "those layers use a coarser table")
     return LatencyPlan(plan, model, budget, predicted, info)
 
 

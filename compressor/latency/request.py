@@ -25,7 +25,7 @@ class ProfileSettings:
     max_runs: int = 40
     seconds_per_point: float = 0.15
     calibration_runs: int = 10
-    calibration_seconds: float = 2.0
+    calibration_seconds: float = 1.0
     max_level: int = 3
     check_warmup: int | None = None  # the after-surgery check (None: 20 on GPUs, 3 on CPUs)
     check_runs: int | None = None  # (None: 200 on GPUs, 20 on CPUs)
@@ -37,8 +37,10 @@ class LatencyRequest:
 
     target: a compressor.bench.Target (cuda:N or cpu:T); batch: the deployed batch size; ratio: fraction of the
     measured latency to remove, or latency_ms: an absolute budget (which wins when both are given);
-    profile_budget_s: a bound on profiling time (None: no bound); cache_dir: where the latency table is cached
-    (None: $COMPRESSOR_CACHE/latency or ~/.cache/compressor/latency).
+    profile_budget_s: a bound on profiling time (None: no bound) — the network, its skeleton and every layer at
+    full width are always timed, the alignment probe and the width sweeps only while the budget lasts (layers left
+    unswept follow a prior fitted on the others); cache_dir: where the latency table is cached (None:
+    $COMPRESSOR_CACHE/latency or ~/.cache/compressor/latency).
     """
 
     target: object

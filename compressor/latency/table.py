@@ -15,9 +15,9 @@ and with every droppable residual branch removed (its skeleton). The two points 
 model reproduces both measurements exactly and is linear in between — the direction block dropping moves in. Without
 blocks (or with an implausible fit) one measurement fixes an additive residual (offset) instead.
 
-Widths. Candidate widths are multiples of an alignment chosen per target from measurements (`choose_alignment`):
-the smallest of 8, 16, 32 whose widths are not slower than the straight line through 64-aligned widths; 64 if none
-is. The items' tables are refined level by level (grid.py: full width; sweeps at half and the narrowest width;
+Widths. Candidate widths are multiples of an alignment chosen per target from measurements of the whole network
+(`choose_alignment`): the smallest of 8, 16, 32 whose widths are not slower than the straight line through
+64-aligned widths; 64 if none is. (Isolated layers cannot tell: a misaligned width mostly costs its neighbours.) The items' tables are refined level by level (grid.py: full width; sweeps at half and the narrowest width;
 quarters; the cross grid), the most expensive items first, until the level limit or the profile budget is reached;
 an item uses its finest complete level.
 """
@@ -34,14 +34,13 @@ import onnx
 
 from compressor.errors import CompressorError
 from compressor.latency.cache import LatencyCache, context_of
-from compressor.latency.grid import GRID_LEVEL, MAX_GRID_DIMS, ItemTable, level_points, level_widths
-from compressor.latency.micro import CostItem, find_items, micro_model, structure_key
+from compressor.latency.grid import GRID_LEVEL, MAX_GRID_DIMS, ItemTable, fit_fixed_share, level_points, level_widths
+from compressor.latency.micro import CostItem, find_items, micro_model, removed_units, structure_key
 from compressor.latency.request import LatencyRequest, ProfileSettings
 
 ALIGNMENTS = (8, 16, 32)
 PROBE_SPAN = 64
-ALIGNMENT_TOLERANCE = 0.05
-MAX_PROBES = 2
+ALIGNMENT_TOLERANCE = 0.03
 Progress = Callable[[str], None]
 
 
@@ -110,6 +109,8 @@ class Profiler:
         self.micro_measured = 0
         self.measure_seconds = 0.0
         self.skipped = 0
+        self.failed: list[str] = []
+        self.network_key = ""
         self._overhead: float | None = None
 
     def elapsed(self) -> float:
@@ -149,7 +150,8 @@ class Profiler:
         return self._overhead
 
     def item_ms(self, item: CostItem, widths: dict[int, int], optional: bool = False) -> float | None:
-        """Net milliseconds of one copy of `item` at `widths`; None when optional and over the profile budget."""
+        """Net milliseconds of one copy of `item` at `widths`; None when optional and over the profile budget or
+        when ONNX Runtime cannot run it (counted in `failed`)."""
         copies = self.request.copies
         shapes_only = micro_model(self.analysis, item, widths, self.request.batch, weights=False)
         key = f"{structure_key(shapes_only)}:x{copies}"
@@ -160,6 +162,9 @@ class Profiler:
         try:
             raw = self.raw_ms(model, key, f"{item.kind} {item.name} {sorted(widths.items())}")
         except CompressorError as exc:
+            if optional:
+                self.failed.append(f"{item.name} at {sorted(widths.items())}: {exc}")
+                return None
             raise CompressorError(f"cannot time layer '{item.name}' on {self.request.target}: {exc}") from exc
         return max(raw - self.overhead_ms(), 0.0) / copies
 
@@ -181,7 +186,7 @@ def build_latency_model(analysis, floors: dict[int, int], droppable_blocks: set[
         if round_to > 1:
             alignment, probe = round_to, {"source": f"--round-to {round_to}"}
         else:
-            alignment, probe = choose_alignment(profiler, items, sizes, full)
+            alignment, probe = choose_alignment(profiler, sizes)
         tables = _refine(profiler, items, sizes, floors, full, alignment, request.settings.max_level)
     finally:
         cache.flush()
@@ -192,7 +197,9 @@ def build_latency_model(analysis, floors: dict[int, int], droppable_blocks: set[
         "items": len(tables), "layers": sum(t.item.kind == "layer" for t in tables),
         "joins": sum(t.item.kind == "join" for t in tables), "alignment": alignment, "alignment_probe": probe,
         "grid_levels": {str(lv): levels.count(lv) for lv in sorted(set(levels))},
+        "fixed_share_prior": tables[0].fixed_share if tables else None,
         "measured": profiler.measured, "cache_hits": cache.hits, "skipped_over_budget": profiler.skipped,
+        "failed": profiler.failed[:5],
         "profile_seconds": round(profiler.elapsed(), 2), "profile_budget_s": request.profile_budget_s,
         "overhead_ms": profiler.overhead_ms(), "copies_per_micro_model": request.copies, "cache": str(cache.path),
         "context": cache.context,
@@ -207,7 +214,7 @@ def _measure_network(profiler: Profiler, droppable: set[int]) -> tuple[float, fl
 
     analysis = profiler.analysis
     shapes = analysis.input_shapes
-    base = f"network:{structure_key(analysis.proto)}:{sorted((k, list(v)) for k, v in shapes.items())}"
+    base = profiler.network_key = f"network:{structure_key(analysis.proto)}:{sorted((k, list(v)) for k, v in shapes.items())}"
     full_ms = profiler.raw_ms(analysis.proto, base, "whole network", calibration=True, input_shapes=shapes)
     if not droppable:
         return full_ms, None
@@ -219,37 +226,56 @@ def _measure_network(profiler: Profiler, droppable: set[int]) -> tuple[float, fl
                                     input_shapes=shapes)
 
 
-def choose_alignment(profiler: Profiler, items: list[CostItem], sizes: dict[int, int],
-                     full: dict[int, float]) -> tuple[int, dict]:
-    """The smallest alignment in ALIGNMENTS whose widths cost no more than the straight line between 64-aligned
-    widths (within ALIGNMENT_TOLERANCE), measured on the most expensive layers with a group of >= 128 channels."""
-    candidates = [i for i in items if i.kind == "layer" and any(sizes[g] >= 2 * PROBE_SPAN for g in i.dims)]
-    candidates.sort(key=lambda i: -full[i.index])
-    probes = candidates[:MAX_PROBES]
-    if not probes:
-        return ALIGNMENTS[0], {"source": "default: no layer has a group of 128 or more channels to probe"}
+def choose_alignment(profiler: Profiler, sizes: dict[int, int]) -> tuple[int, dict]:
+    """The smallest alignment in ALIGNMENTS whose widths cost the network no more than the straight line between
+    64-aligned widths (within ALIGNMENT_TOLERANCE of its time).
+
+    Measured on the whole network, not on isolated layers: every group of >= 128 channels is set to a 64-aligned
+    width near half its size, minus 0, 8, 16, 32 and 64 channels. Only the network shows what a misaligned width
+    costs its neighbours (e.g. ONNX Runtime's blocked NCHWc layout on AVX-512 CPUs, which a width that is not a
+    multiple of 16 interrupts: reorders around the layer, and slower kernels), and the same offset applied to all
+    groups keeps the MACs on the line.
+    """
+    from compressor.plan import Plan
+    from compressor.surgery import apply_plan
+
+    wide = {g: int(np.clip(round(size / 2 / PROBE_SPAN) * PROBE_SPAN, 2 * PROBE_SPAN, size // PROBE_SPAN * PROBE_SPAN))
+            for g, size in sizes.items() if size >= 2 * PROBE_SPAN}
+    if not wide:
+        return ALIGNMENTS[0], {"source": "default: no group has 128 or more channels to probe"}
+    analysis = profiler.analysis
+    budget = profiler.request.profile_budget_s
     offsets = (0, *ALIGNMENTS, PROBE_SPAN)
-    times = np.zeros((len(probes), len(offsets)))
-    for p, item in enumerate(probes):
-        for o, offset in enumerate(offsets):
-            widths = {}
-            for g in item.dims:
-                if sizes[g] >= 2 * PROBE_SPAN:
-                    top = int(np.clip(round(sizes[g] / 2 / PROBE_SPAN) * PROBE_SPAN, 2 * PROBE_SPAN,
-                                      sizes[g] // PROBE_SPAN * PROBE_SPAN))
-                    widths[g] = top - offset
-            times[p, o] = profiler.item_ms(item, widths)
-    total = times.sum(axis=0)
-    top_ms, low_ms = total[0], total[-1]
-    relative = {}
-    chosen = PROBE_SPAN
+    times = []
+    for offset in offsets:
+        widths = {g: w - offset for g, w in wide.items()}
+        key = f"{profiler.network_key}:widths:{structure_digest(sorted(widths.items()))}"
+        if key not in profiler.cache.entries:
+            if budget is not None and profiler.elapsed() >= budget:
+                return ALIGNMENTS[0], {"source": "default: the profile budget ran out before the alignment probe"}
+            removed = removed_units(analysis, widths)
+            plan = Plan(removed={g: np.nonzero(removed[analysis.groups[g].units])[0] for g in widths})
+            probe_model = apply_plan(analysis, plan)
+        else:
+            probe_model = None
+        times.append(profiler.raw_ms(probe_model, key, f"network at 64-aligned widths minus {offset}", calibration=True,
+                                     input_shapes=analysis.input_shapes))
+    top_ms, low_ms = times[0], times[-1]
+    relative, chosen = {}, PROBE_SPAN
     for o, alignment in enumerate(ALIGNMENTS, start=1):
         line = top_ms + (low_ms - top_ms) * alignment / PROBE_SPAN
-        relative[str(alignment)] = round(float(total[o] / line) if line > 0 else 1.0, 4)
-        if chosen == PROBE_SPAN and total[o] <= line + ALIGNMENT_TOLERANCE * top_ms:
+        relative[str(alignment)] = round(float(times[o] / line) if line > 0 else 1.0, 4)
+        if chosen == PROBE_SPAN and times[o] <= line + ALIGNMENT_TOLERANCE * top_ms:
             chosen = alignment
-    return chosen, {"source": "measured", "layers": [i.name for i in probes],
+    return chosen, {"source": "measured on the network", "groups": len(wide), "ms_by_offset": dict(zip(map(str, offsets), times)),
                     "time_vs_64_aligned_line": relative, "tolerance": ALIGNMENT_TOLERANCE}
+
+
+def structure_digest(value) -> str:
+    """A short stable hash of a repr-able value."""
+    import hashlib
+
+    return hashlib.sha256(repr(value).encode()).hexdigest()[:16]
 
 
 def _refine(profiler: Profiler, items: list[CostItem], sizes: dict[int, int], floors: dict[int, int],
@@ -275,8 +301,12 @@ def _refine(profiler: Profiler, items: list[CostItem], sizes: dict[int, int], fl
                     known[item.index][point] = ms
             if complete:
                 levels[item.index] = level
-    return [ItemTable.from_points(item, widths(item, levels[item.index]), levels[item.index], known[item.index])
-            for item in items]
+    tables = [ItemTable.from_points(item, widths(item, levels[item.index]), levels[item.index], known[item.index])
+              for item in items]
+    share = fit_fixed_share(tables)
+    for t in tables:
+        t.fixed_share = 1.0 if share is None else share
+    return tables
 
 
 def calibrate(tables: list[ItemTable], full_ms: float, skeleton_ms: float | None, droppable: set[int]) -> LatencyModel:
