@@ -146,6 +146,9 @@ def test_micro_model_has_the_shapes_surgery_gives_the_layer():
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
     shapes = {o.name: [d.dim_value for d in o.type.tensor_type.shape.dim] for o in inferred.graph.output}
     assert len(shapes) == 2 and all(s == [3, 8, 8, 8] for s in shapes.values())
+    pooled = micro_model(analysis, depthwise, {depthwise.dims[0]: 8}, 3, pooled=True)
+    assert [n.op_type for n in pooled.graph.node][-1] == "GlobalAveragePool"
+    assert structure_key(pooled) != structure_key(micro_model(analysis, depthwise, {depthwise.dims[0]: 8}, 3))
 
 
 @pytest.mark.parametrize("penalized, expected", [(1, 8), (16, 16), (64, 64)])
@@ -156,10 +159,16 @@ def test_alignment_is_chosen_from_network_measurements(cache_dir, monkeypatch, p
         return 0.01 + 1e-6 * model_cost(model, input_shapes).macs + 0.5 * slow
 
     monkeypatch.setattr(table, "measure_ms", measure)
-    analysis, planned = plan_latency(residual_net(width=128, hw=4), ratio=0.3)
+    analysis, planned = plan_latency(residual_net(width=256, hw=4), ratio=0.3)
     probe = planned.model.info["alignment_probe"]
     assert probe["source"] == "measured on the network" and set(probe["ms_by_offset"]) == {"0", "8", "16", "32", "64"}
     assert planned.model.alignment == expected
+    model = planned.model  # fitted to the whole network, its skeleton and the probe's five widths
+    assert model.fit_error is not None and model.info["alignment_probe"]["ms_by_offset"]
+    assert model.predict_ms({}) == pytest.approx(model.full_ms, rel=model.fit_error + 1e-9)
+    assert model.predict_ms({}, {b.index for b in analysis.blocks}) == pytest.approx(model.skeleton_ms,
+                                                                                     rel=model.fit_error + 1e-9)
+    assert table.GAMMA_RANGE[0] <= model.gamma <= table.GAMMA_RANGE[1]
 
 
 def test_aligned_widths_and_interpolation():
@@ -289,7 +298,7 @@ def test_budget_is_met_by_the_prediction(cache_dir, monkeypatch, ratio, latency_
     assert planned.info["budget_met_by_prediction"]
     kept = {g.index: g.size - len(planned.plan.removed.get(g.index, ())) for g in analysis.groups}
     assert model.predict_ms(kept, planned.plan.dropped_blocks) == pytest.approx(planned.predicted_ms)
-    assert model.predict_ms({}, set()) == pytest.approx(model.full_ms)  # calibrated on the whole network
+    assert model.predict_ms({}, set()) == pytest.approx(model.full_ms, rel=(model.fit_error or 0) + 1e-9)
     for g, removed in planned.plan.removed.items():  # widths are multiples of the alignment
         assert (analysis.groups[g].size - len(removed)) % model.alignment == 0
     result = apply_plan(analysis, planned.plan)

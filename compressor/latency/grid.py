@@ -89,6 +89,7 @@ class ItemTable:
     curves: tuple[np.ndarray, ...] = ()
     values: np.ndarray | None = None
     fixed_share: float = 1.0  # level 0 only: the prior's share of the time that does not shrink with the widths
+    gamma: float = 1.0  # the width exponent of the calibration: T_full · (T / T_full)^gamma
 
     @classmethod
     def from_points(cls, item: CostItem, widths: list[list[int]], level: int, known: dict) -> "ItemTable":
@@ -101,7 +102,14 @@ class ItemTable:
         return cls(item, tuple(tuple(g) for g in widths), level, float(known[full]), curves, values)
 
     def dense(self, candidates: list) -> np.ndarray:
-        """The interpolated cost at every combination of candidate widths (one array per dim), never negative."""
+        """The interpolated cost at every combination of candidate widths (one array per dim), never negative, with
+        the calibration's width exponent applied."""
+        out = self._interpolated(candidates)
+        if self.gamma != 1.0 and self.full_ms > 0:
+            out = self.full_ms * np.power(np.clip(out / self.full_ms, 0.0, None), self.gamma)
+        return out
+
+    def _interpolated(self, candidates: list) -> np.ndarray:
         if self.level == 0:
             work = np.ones([len(c) for c in candidates])
             for axis, (grid, points) in enumerate(zip(self.grids, candidates)):

@@ -121,13 +121,16 @@ def removed_units(analysis, widths: dict[int, int]) -> np.ndarray:
 
 
 def micro_model(analysis, item: CostItem, widths: dict[int, int], batch: int, copies: int = 1,
-                weights: bool = True) -> onnx.ModelProto:
+                weights: bool = True, pooled: bool = False) -> onnx.ModelProto:
     """A model computing `item` alone at the given group widths and batch size, `copies` times side by side.
 
     Parameters are sliced and attributes rewritten exactly as surgery would for those widths. Copies read the same
     inputs but own their (slightly scaled) weights, so ONNX Runtime cannot merge them; several copies let a GPU
     overlap one layer's kernel with the next one's launch, as it does inside the network. weights=False gives the
     float parameters as empty placeholders of the right shapes: enough for `structure_key`, and much cheaper.
+    pooled=True ends every 4-D output in a GlobalAveragePool: on CPUs the layer's output is then read once, as
+    its consumer in the network would, instead of being reordered out of ONNX Runtime's blocked layout and copied
+    into a numpy array, work the network does not do (and that would dwarf a memory-bound layer).
     """
     view = analysis.view
     removed = removed_units(analysis, widths)
@@ -153,6 +156,12 @@ def micro_model(analysis, item: CostItem, widths: dict[int, int], batch: int, co
     inputs = [helper.make_tensor_value_info(t, _elem_type(view, t), _shape_at(analysis, t, keep, batch, base_batch))
               for t in item.inputs]
     outputs = [helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in item.outputs]
+    if pooled:
+        for out in outputs:
+            if len(view.shape(out.name) or ()) == 4:
+                nodes.append(helper.make_node("GlobalAveragePool", [out.name], [f"{out.name}__pooled"],
+                                              name=f"{out.name}__pool"))
+                out.name = f"{out.name}__pooled"
     graph = helper.make_graph(nodes, item.name, inputs, outputs, inits)
     proto = helper.make_model(graph, opset_imports=list(analysis.proto.opset_import), ir_version=analysis.proto.ir_version)
     ctx = SurgeryContext(proto)

@@ -6,18 +6,25 @@ Model. The latency of the network under a plan is predicted as
 
 where an item (micro.py) is one layer with its fused followers or one residual join, and is alive unless a block
 containing it is dropped. T_item is measured in isolation as a micro-model, with the same ONNX Runtime session
-options as `compress bench` (compressor.bench.SessionRunner), at a grid of kept widths, minus the cost of an empty
-session run; between grid widths it is interpolated (multilinear in the widths of its groups).
+options as `compress bench` (compressor.bench.SessionRunner), at several kept widths, minus the cost of an empty
+session run, and interpolated in between (grid.py).
 
 Calibration. Isolated layers do not add up exactly to the network (kernel launches overlap on GPUs, fused and
-unfused ops, the ops no item holds, the session's own overhead), so the network itself is measured twice: whole,
-and with every droppable residual branch removed (its skeleton). The two points fix `scale` and `offset_ms`, so the
-model reproduces both measurements exactly and is linear in between — the direction block dropping moves in. Without
-blocks (or with an implausible fit) one measurement fixes an additive residual (offset) instead.
+unfused ops, layout reorders and output copies that a micro-model has and the network mostly does not, the ops no
+item holds, the session's own overhead). So the network itself is measured: whole, with every droppable residual
+branch removed (its skeleton: the direction block dropping moves in), and at the alignment probe's five widths (the
+direction narrowing moves in; those of its widths that are multiples of the chosen alignment). `scale`,
+`offset_ms` and a width exponent γ are fitted to those measurements by
+least squares on relative errors (the whole network weighted FULL_WEIGHT times): γ raises each item's relative
+cost, T_full · (T/T_full)^γ, because a micro-model's input/output work shrinks linearly with the widths while its
+compute shrinks with their product, so isolated layers understate (typically on CPUs) or overstate the relative
+savings of narrowing. The worst relative error of the fit is reported. With a single measurement (no blocks, no
+probe) the residual is additive.
 
 Widths. Candidate widths are multiples of an alignment chosen per target from measurements of the whole network
 (`choose_alignment`): the smallest of 8, 16, 32 whose widths are not slower than the straight line through
-64-aligned widths; 64 if none is. (Isolated layers cannot tell: a misaligned width mostly costs its neighbours.) The items' tables are refined level by level (grid.py: full width; sweeps at half and the narrowest width;
+64-aligned widths; 64 if none is (isolated layers cannot tell: a misaligned width mostly costs its neighbours).
+The items' tables are refined level by level (grid.py: full width; sweeps at half and the narrowest width;
 quarters; the cross grid), the most expensive items first, until the level limit or the profile budget is reached;
 an item uses its finest complete level.
 """
@@ -41,6 +48,9 @@ from compressor.latency.request import LatencyRequest, ProfileSettings
 ALIGNMENTS = (8, 16, 32)
 PROBE_SPAN = 64
 ALIGNMENT_TOLERANCE = 0.03
+GAMMA_RANGE = (0.5, 3.0)
+SCALE_RANGE = (0.1, 10.0)
+FULL_WEIGHT = 4.0  # the whole network anchors --ratio budgets: fit it more tightly than the other points
 Progress = Callable[[str], None]
 
 
@@ -85,6 +95,8 @@ class LatencyModel:
     skeleton_ms: float | None
     calibration: str
     info: dict = field(default_factory=dict)
+    gamma: float = 1.0
+    fit_error: float | None = None
 
     def items_ms(self, widths: dict[int, int], dropped: set[int] = frozenset()) -> float:
         """Σ net item milliseconds of the alive items at these widths."""
@@ -111,6 +123,7 @@ class Profiler:
         self.skipped = 0
         self.failed: list[str] = []
         self.network_key = ""
+        self.probe_points: list[tuple[int, dict[int, int], float]] = []  # (offset, widths, ms): the network probe
         self._overhead: float | None = None
 
     def elapsed(self) -> float:
@@ -152,13 +165,14 @@ class Profiler:
     def item_ms(self, item: CostItem, widths: dict[int, int], optional: bool = False) -> float | None:
         """Net milliseconds of one copy of `item` at `widths`; None when optional and over the profile budget or
         when ONNX Runtime cannot run it (counted in `failed`)."""
-        copies = self.request.copies
-        shapes_only = micro_model(self.analysis, item, widths, self.request.batch, weights=False)
+        copies, pooled = self.request.copies, not self.request.target.on_gpu
+        shapes_only = micro_model(self.analysis, item, widths, self.request.batch, weights=False, pooled=pooled)
         key = f"{structure_key(shapes_only)}:x{copies}"
         if optional and key not in self.cache.entries and not self.affordable():
             self.skipped += 1
             return None
-        model = None if key in self.cache.entries else micro_model(self.analysis, item, widths, self.request.batch, copies)
+        model = None if key in self.cache.entries else micro_model(self.analysis, item, widths, self.request.batch,
+                                                                   copies, pooled=pooled)
         try:
             raw = self.raw_ms(model, key, f"{item.kind} {item.name} {sorted(widths.items())}")
         except CompressorError as exc:
@@ -190,7 +204,13 @@ def build_latency_model(analysis, floors: dict[int, int], droppable_blocks: set[
         tables = _refine(profiler, items, sizes, floors, full, alignment, request.settings.max_level)
     finally:
         cache.flush()
-    model = calibrate(tables, full_ms, skeleton_ms, droppable_blocks)
+    points = [CalibrationPoint({}, frozenset(), full_ms, FULL_WEIGHT)]
+    if skeleton_ms is not None:
+        points.append(CalibrationPoint({}, frozenset(droppable_blocks), skeleton_ms))
+    # probe widths off the chosen alignment carry a misalignment cost no allocation will pay: not fitted
+    points += [CalibrationPoint(widths, frozenset(), ms) for offset, widths, ms in profiler.probe_points
+               if offset % alignment == 0]
+    model = calibrate(tables, points, full_ms, skeleton_ms)
     model.alignment = alignment
     levels = [t.level for t in tables if t.item.dims]
     model.info = {
@@ -267,6 +287,7 @@ def choose_alignment(profiler: Profiler, sizes: dict[int, int]) -> tuple[int, di
         relative[str(alignment)] = round(float(times[o] / line) if line > 0 else 1.0, 4)
         if chosen == PROBE_SPAN and times[o] <= line + ALIGNMENT_TOLERANCE * top_ms:
             chosen = alignment
+    profiler.probe_points = [(offset, {g: w - offset for g, w in wide.items()}, ms) for offset, ms in zip(offsets, times)]
     return chosen, {"source": "measured on the network", "groups": len(wide), "ms_by_offset": dict(zip(map(str, offsets), times)),
                     "time_vs_64_aligned_line": relative, "tolerance": ALIGNMENT_TOLERANCE}
 
@@ -309,18 +330,50 @@ def _refine(profiler: Profiler, items: list[CostItem], sizes: dict[int, int], fl
     return tables
 
 
-def calibrate(tables: list[ItemTable], full_ms: float, skeleton_ms: float | None, droppable: set[int]) -> LatencyModel:
-    """Fit scale and offset to the whole network (and its skeleton, when there is one); see the module docstring."""
-    s_full = sum(t.full_ms for t in tables)
-    model = LatencyModel(tables, ALIGNMENTS[0], 1.0, full_ms - s_full, full_ms, skeleton_ms, "additive")
-    if skeleton_ms is not None:
-        s_skeleton = sum(t.full_ms for t in tables if not (t.item.blocks & droppable))
-        if s_full > s_skeleton and full_ms > skeleton_ms:
-            scale = (full_ms - skeleton_ms) / (s_full - s_skeleton)
-            offset = full_ms - scale * s_full
-            if 0.2 <= scale <= 5.0 and offset >= -0.25 * full_ms:
-                model.scale, model.offset_ms, model.calibration = scale, offset, "two-point"
-                return model
-    if model.offset_ms < 0 and s_full > 0:
-        model.scale, model.offset_ms, model.calibration = full_ms / s_full, 0.0, "proportional"
+@dataclass(frozen=True)
+class CalibrationPoint:
+    """A measurement of the network: kept widths (missing groups full), dropped blocks, milliseconds, weight."""
+
+    widths: dict
+    dropped: frozenset
+    ms: float
+    weight: float = 1.0
+
+
+def calibrate(tables: list[ItemTable], points: list[CalibrationPoint], full_ms: float,
+              skeleton_ms: float | None) -> LatencyModel:
+    """Fit scale, offset and width exponent to the network measurements (see the module docstring)."""
+    model = LatencyModel(tables, ALIGNMENTS[0], 1.0, full_ms - sum(t.full_ms for t in tables), full_ms, skeleton_ms,
+                         "additive (one measurement)")
+    if len(points) < 2:
+        return model
+    gammas = np.arange(GAMMA_RANGE[0], GAMMA_RANGE[1] + 1e-9, 0.05) if len(points) > 2 else np.array([1.0])
+    measured = np.array([p.ms for p in points])
+    weights = np.array([p.weight for p in points]) / measured**2  # relative errors
+    best = None
+    for gamma in gammas:
+        for t in tables:
+            t.gamma = float(gamma)
+        sums = np.array([model.items_ms(p.widths, p.dropped) for p in points])
+        design = np.stack([sums, np.ones_like(sums)], axis=1)
+        lhs = design.T @ (design * weights[:, None])
+        if abs(np.linalg.det(lhs)) < 1e-12 * max(1.0, float(np.abs(lhs).max()) ** 2):
+            continue
+        scale, offset = np.linalg.solve(lhs, design.T @ (weights * measured))
+        if not SCALE_RANGE[0] <= scale <= SCALE_RANGE[1]:
+            continue
+        errors = (scale * sums + offset - measured) / measured
+        score = float((weights * measured**2 * errors**2).sum())
+        if best is None or score < best[0]:
+            best = (score, float(gamma), float(scale), float(offset), float(np.abs(errors).max()))
+    if best is None:
+        for t in tables:
+            t.gamma = 1.0
+        return model
+    _, gamma, scale, offset, worst = best
+    for t in tables:
+        t.gamma = gamma
+    model.scale, model.offset_ms, model.gamma = scale, offset, gamma
+    model.calibration = f"least squares over {len(points)} network measurements (worst error {worst:.1%})"
+    model.fit_error = worst
     return model
