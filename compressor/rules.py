@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from compressor.graph import attr
+from compressor.graph import attr, set_attr
 
 if TYPE_CHECKING:
     import onnx
@@ -156,8 +156,6 @@ def conv(t: "Tracer", node) -> None:
 
 def _set_group_to_kept(units: np.ndarray):
     def rewrite(node, keep, surgery) -> None:
-        from compressor.graph import set_attr
-
         set_attr(node, "group", int(keep(units).sum()))
 
     return rewrite
@@ -346,20 +344,21 @@ def split(t: "Tracer", node) -> None:
         return
     sizes = [t.view.shape(out)[axis] for out in node.output]
     bounds = np.cumsum([0] + sizes)
+    opset = t.opset
     pieces = [cmap.units[bounds[i]:bounds[i + 1]] for i in range(len(sizes))]
     for out, lo, hi, piece in zip(node.output, bounds[:-1], bounds[1:], pieces):
         t.set(out, axis, piece, cmap.zero[lo:hi])
 
     def rewrite(node, keep, surgery) -> None:
         kept = np.array([int(keep(p).sum()) for p in pieces], dtype=np.int64)
-        if len(node.input) > 1 and node.input[1]:
-            surgery.set_input_constant(node, 1, kept)
-        else:
-            from compressor.graph import set_attr
-
+        for a in [a for a in node.attribute if a.name == "num_outputs"]:
+            node.attribute.remove(a)
+        if opset < 13:
             set_attr(node, "split", kept.tolist())
-            if attr(node, "num_outputs") is not None:
-                node.attribute.remove(next(a for a in node.attribute if a.name == "num_outputs"))
+            return
+        if len(node.input) < 2:
+            node.input.append("")
+        surgery.set_input_constant(node, 1, kept)
 
     t.rewrite(node, rewrite)
 
@@ -440,8 +439,6 @@ def pad(t: "Tracer", node) -> None:
         if from_input:
             surgery.set_input_constant(node, 1, new)
         else:
-            from compressor.graph import set_attr
-
             set_attr(node, "pads", new.tolist())
 
     t.rewrite(node, rewrite)

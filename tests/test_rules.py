@@ -246,3 +246,14 @@ def test_exclude_protects_matching_groups():
     result = compressor.compress(model, method="l1", ratio=0.3, exclude=[first_conv])
     kept = {g["name"]: g for g in result.report["groups"]}
     assert kept[first_conv]["channels_after"] == 16
+
+
+def test_split_with_num_outputs_gets_explicit_sizes():
+    b = GraphBuilder(opset=18)
+    x = b.op("Relu", [b.conv("x", 4, 16)])
+    s1, s2 = b.op("Split", [x], n_out=2, axis=1, num_outputs=2)
+    y = b.op("Add", [b.conv(s1, 8, 6), b.conv(s2, 8, 6)])
+    model = b.model(head(b, b.op("Relu", [y]), 6))
+    result = compress_ok(model, ratio=0.4)
+    split = next(n for n in result.model.graph.node if n.op_type == "Split")
+    assert len(split.input) == 2 and not any(a.name == "num_outputs" for a in split.attribute)
