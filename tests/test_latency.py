@@ -21,7 +21,7 @@ from compressor import methods
 from compressor.analysis import analyze
 from compressor.cost import model_cost
 from compressor.errors import CompressorError
-from compressor.latency import ProfileSettings, plan_for_latency, resolve_request, table
+from compressor.latency import ProfileSettings, check, plan_for_latency, planner, resolve_request, table
 from compressor.latency.allocate import BlockChoice, GroupChoice, ItemCost, allocate_latency
 from compressor.latency.importance import kept_value, method_scores, unit_values
 from compressor.latency.micro import find_items, micro_model, structure_key
@@ -34,7 +34,7 @@ from tests.graphs import GraphBuilder, head
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ProfileSettings(warmup=1, min_runs=2, max_runs=3, seconds_per_point=0.001, calibration_runs=3,
-                       calibration_seconds=0.01, check_warmup=1, check_runs=3)
+                       calibration_seconds=0.01, check_warmup=1, check_runs=3, loop_iterations=0)
 
 
 def residual_net(width: int = 32, hw: int = 16, blocks: int = 2, seed: int = 0) -> onnx.ModelProto:
@@ -46,6 +46,16 @@ def residual_net(width: int = 32, hw: int = 16, blocks: int = 2, seed: int = 0) 
         y = b.bn(b.conv(y, width, width), width)
         x = b.op("Relu", [b.op("Add", [x, y])])
     return b.model(head(b, x, width))
+
+
+def dynamic_batch(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same model with a dynamic batch axis on its inputs and outputs."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    for vi in [*model.graph.input, *model.graph.output]:
+        dim = vi.type.tensor_type.shape.dim[0]
+        dim.ClearField("dim_value")
+        dim.dim_param = "batch"
+    return model
 
 
 def fake_ms(per_layer_ms: float, per_gmac_ms: float):
@@ -400,3 +410,115 @@ def test_macs_ratio_caps_the_macs_as_well(cache_dir, monkeypatch):
     assert capped.predicted_ms <= capped.budget_ms and capped.info["macs_ratio"] == 0.6
     with pytest.raises(CompressorError, match="macs_ratio"):
         plan_for_latency(analysis, "l1", PlanOptions(0.2, "latency", extra={"macs_ratio": "half"}), request)
+
+
+# ----------------------------------------------------------------------------------------------- batch, closed loop
+def test_latency_mode_runs_at_batch_2_on_a_dynamic_batch_model(cache_dir):
+    result = compressor.compress(dynamic_batch(residual_net()), "l1", 0.5, target="latency", device="cpu:1", batch=2,
+                                 profile_budget=2.0)
+    latency = result.report["latency"]
+    assert latency["batch"] == 2 and latency["measured_after_ms"] > 0 and result.report["verified"]
+    files = list((cache_dir / "latency").glob("*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["context"]["batch"] == 2
+    assert 1 <= len(latency["closed_loop"]) <= ProfileSettings().loop_iterations
+
+
+def test_fixed_batch_model_fails_in_one_line_before_profiling(cache_dir, monkeypatch):
+    calls = []
+    monkeypatch.setattr(table, "measure_ms", lambda *a, **k: calls.append(1) or 1.0)
+    with pytest.raises(CompressorError, match="fixed batch size of 1.*dynamic batch axis.*--batch 1") as caught:
+        compressor.compress(residual_net(), "l1", 0.5, target="latency", device="cpu:1", batch=2)
+    assert "\n" not in str(caught.value) and calls == []
+
+
+def biased_pair(bias: float, calls: list):
+    """A fake measure_pair: the fake latency of both models, the candidate's times `bias` (the model's error)."""
+    measure = fake_ms(per_layer_ms=0.2, per_gmac_ms=200.0)
+
+    def pair(original, candidate, request, input_shapes=None, warmup=None, runs=None):
+        calls.append(1)
+        before = measure(original, None, 1, None, input_shapes=input_shapes)
+        return check.PairMeasurement(before, bias * measure(candidate, None, 1, None, input_shapes=input_shapes), 3)
+
+    return pair
+
+
+@pytest.mark.parametrize("bias", [0.6, 1.4])
+def test_closed_loop_corrects_a_biased_model_and_stops_within_the_budget(cache_dir, monkeypatch, bias):
+    monkeypatch.setattr(table, "measure_ms", fake_ms(per_layer_ms=0.2, per_gmac_ms=200.0))
+    calls = []
+    monkeypatch.setattr(check, "measure_pair", biased_pair(bias, calls))
+    analysis = analyze(residual_net(width=64, blocks=3))
+    settings = ProfileSettings(**{**vars(FAST), "loop_iterations": 3})
+    request = resolve_request("latency", 0.5, "cpu:1", 1, None, None, settings=settings)
+    planned = plan_for_latency(analysis, "l1", PlanOptions(0.5, "latency"), request)
+    loop = planned.info["closed_loop"]
+    assert 1 <= len(loop) == len(calls) <= 3
+    assert [c["chosen"] for c in loop].count(True) == 1
+    chosen = next(c for c in loop if c["chosen"])
+    first = loop[0]["measured_fraction"]
+    assert chosen["measured_fraction"] <= 0.5 + 1e-9  # the measured budget is met
+    if first <= 0.5:  # an over-pruned first candidate is widened, never narrowed further
+        assert chosen["measured_fraction"] >= first
+    assert planned.measured is not None and planned.measured.fraction == pytest.approx(chosen["measured_fraction"])
+    # the chosen plan's report compares its corrected prediction with its own measurement
+    fields = check.check_fields(planned, planned.measured, planned.predicted_fraction)
+    assert fields["measured_after_ms"] == planned.measured.after_ms and fields["budget_met_measured"]
+
+
+def test_closed_loop_stops_at_the_first_candidate_inside_the_window(cache_dir, monkeypatch):
+    monkeypatch.setattr(table, "measure_ms", fake_ms(per_layer_ms=0.2, per_gmac_ms=200.0))
+    calls = []
+    monkeypatch.setattr(check, "measure_pair", biased_pair(1.0, calls))
+    analysis = analyze(residual_net(width=64, blocks=3))
+    open_loop = plan_for_latency(analysis, "l1", PlanOptions(0.5, "latency"),
+                                 resolve_request("latency", 0.5, "cpu:1", 1, None, None, settings=FAST))
+    fraction = biased_pair(1.0, [])(analysis.proto, apply_plan(analysis, open_loop.plan), None).fraction
+    settings = ProfileSettings(**{**vars(FAST), "loop_iterations": 3})
+    planned = plan_for_latency(analysis, "l1", PlanOptions(0.5, "latency"),
+                               resolve_request("latency", 0.5, "cpu:1", 1, None, None, settings=settings))
+    if planner.LOOP_ACCEPT * 0.5 <= fraction <= 0.5:
+        assert len(calls) == 1 and planned.plan.dropped_blocks == open_loop.plan.dropped_blocks
+    else:
+        assert 1 < len(calls) <= 3
+
+
+def _compute_bound(rho: float):
+    """Block 0 holds group 0 (time proportional to its width, plus a join that does not shrink); groups 1 and 2
+    live outside blocks, half as expensive per channel. Every group is worth kept_value of 8 equal units."""
+    widths = np.array([2, 4, 6, 8])
+    values = kept_value(np.ones(8), np.ones(8, dtype=bool), widths)
+    groups = {g: GroupChoice(g, widths, values) for g in range(3)}
+    items = [ItemCost((0,), frozenset({0}), 1.0 * widths), ItemCost((), frozenset({0}), np.array(1.0)),
+             ItemCost((1,), frozenset(), 0.5 * widths), ItemCost((2,), frozenset(), 0.5 * widths)]
+    return groups, items, {0: BlockChoice(0, (0,), rho)}, widths, values
+
+
+@pytest.mark.parametrize("rho", [0.5, 1.0])
+@pytest.mark.parametrize("budget", [6.0, 7.0, 8.0, 9.0, 10.0])
+def test_allocation_matches_brute_force_with_block_dropping_on_a_compute_bound_table(rho, budget):
+    groups, items, blocks, widths, values = _compute_bound(rho)
+    best = 0.0
+    for a in range(4):
+        for b in range(4):
+            for c in range(4):
+                for drop in (False, True):
+                    ms = (0.0 if drop else widths[a] + 1.0) + 0.5 * widths[b] + 0.5 * widths[c]
+                    value = values[a] * (1 - rho if drop else 1.0) + values[b] + values[c]
+                    if ms <= budget + 1e-9:
+                        best = max(best, value)
+    result = allocate_latency(groups, items, blocks, budget_items_ms=budget)
+    assert result.met and result.predicted_ms <= budget + 1e-9
+    assert result.kept_value == pytest.approx(best)
+    if rho == 0.5 and budget >= 8.0:  # the block is the cheapest importance per ms: dropped, everything else full
+        assert result.dropped == {0} and result.widths == {0: 8, 1: 8, 2: 8}
+
+
+def test_block_value_option_is_validated(cache_dir, monkeypatch):
+    monkeypatch.setattr(table, "measure_ms", fake_ms(per_layer_ms=1.0, per_gmac_ms=1.0))
+    analysis = analyze(residual_net())
+    request = resolve_request("latency", 0.3, "cpu:1", 1, None, None, settings=FAST)
+    with pytest.raises(CompressorError, match="block_value"):
+        plan_for_latency(analysis, "l1", PlanOptions(0.3, "latency", extra={"block_value": "2"}), request)
+    planned = plan_for_latency(analysis, "l1", PlanOptions(0.3, "latency", extra={"block_value": "1"}), request)
+    assert planned.info["block_value_factor"] == 1.0

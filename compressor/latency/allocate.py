@@ -11,6 +11,9 @@ a greedy (as in latency-saliency knapsack pruning, HALP) re-prices every move on
    missing, so among moves that finish the job the one losing least wins, not the one overshooting most.
 2. Refill. The last move usually overshoots; while something fits back under the budget, take the move that gains
    the most importance per added millisecond: widen a group or restore a dropped block.
+3. Swap. The greedy compares dropping a block with the next narrowing step only; so each block is toggled in turn
+   (dropped if kept, restored if dropped), steps 1-2 re-run from there, and the result kept when it keeps more
+   importance within the budgets (two passes at most).
 
 Everything is in the latency model's units: Σ item milliseconds S, with predicted = scale · S + offset. An optional
 second budget caps the MACs as well (e.g. "half the latency at no more than half the MACs"); a move is then credited
@@ -51,10 +54,12 @@ class ItemCost:
 
 @dataclass
 class BlockChoice:
-    """A droppable block and the groups that vanish with it."""
+    """A droppable block, the groups that vanish with it, and the share of their importance its dropping loses
+    (`value_factor`, see importance.py: the skip connection carries the signal on)."""
 
     block: int
     internal: tuple[int, ...] = ()
+    value_factor: float = 1.0
 
 
 @dataclass
@@ -104,12 +109,33 @@ class _State:
     def live(self, g: int) -> bool:
         return not (self.internal_of[g] & self.dropped)
 
-    def value(self) -> float:
-        return sum(float(c.values[self.index[g]]) for g, c in self.groups.items() if self.live(g))
-
     def block_value(self, b: int) -> float:
-        return sum(float(self.groups[g].values[self.index[g]]) for g in self.blocks[b].internal
-                   if not ((self.internal_of[g] - {b}) & self.dropped))
+        """Importance lost by dropping block b (its groups at their current widths become (1 − value_factor) of
+        their full value), or regained by restoring it (its groups come back at full width)."""
+        keep = 1.0 - self.blocks[b].value_factor
+        total = 0.0
+        for g in self.blocks[b].internal:
+            if (self.internal_of[g] - {b}) & self.dropped:
+                continue
+            full = float(self.groups[g].values[-1])
+            total += full - keep * full if b in self.dropped else float(self.groups[g].values[self.index[g]]) - keep * full
+        return total
+
+    def value(self) -> float:
+        """Importance kept: every live group at its width, dropped blocks' groups at (1 − value_factor) of it."""
+        total = 0.0
+        for g, c in self.groups.items():
+            kept = float(c.values[self.index[g]])
+            for b in self.internal_of[g] & self.dropped:
+                kept *= 1.0 - self.blocks[b].value_factor
+            total += kept
+        return total
+
+    def snapshot(self) -> tuple[dict[int, int], set[int]]:
+        return dict(self.index), set(self.dropped)
+
+    def restore(self, snapshot: tuple[dict[int, int], set[int]]) -> None:
+        self.index, self.dropped = dict(snapshot[0]), set(snapshot[1])
 
     def group_curve(self, g: int) -> np.ndarray:
         """[candidates of g, 2]: Σ over g's alive items of their ms and MACs at each candidate width of g."""
@@ -131,6 +157,21 @@ def allocate_latency(groups: dict[int, GroupChoice], items: list[ItemCost], bloc
     state = _State(groups, items, blocks)
     budget = np.array([budget_items_ms, np.inf if budget_macs is None else budget_macs], dtype=np.float64)
     total_value = state.value()
+    moves = _remove_then_refill(state, budget)
+    if _within(state, budget):
+        moves += _swap_blocks(state, budget)
+    final = state.total()
+    widths = {g: int(c.widths[state.index[g]]) for g, c in groups.items()}
+    return Allocation(widths, set(state.dropped), float(final[0]), state.value(), total_value,
+                      bool((final <= budget * (1 + 1e-9) + EPS).all()), float(final[1]), moves)
+
+
+def _within(state: _State, budget: np.ndarray) -> bool:
+    return bool((state.total() <= budget * (1 + 1e-9) + EPS).all())
+
+
+def _remove_then_refill(state: _State, budget: np.ndarray) -> list[str]:
+    """Steps 1 and 2 of the module docstring, from the current state."""
     moves: list[str] = []
     while True:
         missing = state.total() - budget
@@ -140,16 +181,33 @@ def allocate_latency(groups: dict[int, GroupChoice], items: list[ItemCost], bloc
         if move is None:
             break
         moves.append(_apply(state, move))
-    met = bool((state.total() <= budget * (1 + 1e-9) + EPS).all())
-    while met:
+    while _within(state, budget):
         move = _best_refill(state, budget - state.total(), budget)
         if move is None:
             break
         moves.append(_apply(state, move))
-    final = state.total()
-    widths = {g: int(c.widths[state.index[g]]) for g, c in groups.items()}
-    return Allocation(widths, set(state.dropped), float(final[0]), state.value(), total_value,
-                      bool((final <= budget * (1 + 1e-9) + EPS).all()), float(final[1]), moves)
+    return moves
+
+
+def _swap_blocks(state: _State, budget: np.ndarray, passes: int = 2) -> list[str]:
+    """Step 3: toggle each block (drop a kept one, restore a dropped one), re-run remove-then-refill from there,
+    and keep the result when it meets the budgets with more importance. The greedy prices a drop against the
+    next narrowing step only; a drop that pays off through the width it lets the other groups keep is found here."""
+    moves: list[str] = []
+    for _ in range(passes):
+        improved = False
+        for b in sorted(state.blocks):
+            before, value = state.snapshot(), state.value()
+            toggled = _apply(state, (0.0, 0.0, "restore" if b in state.dropped else "drop", b, None))
+            tried = _remove_then_refill(state, budget)
+            if _within(state, budget) and state.value() > value * (1 + 1e-9) + EPS:
+                moves += [f"swap: {toggled}", *tried]
+                improved = True
+            else:
+                state.restore(before)
+        if not improved:
+            break
+    return moves
 
 
 def _credit(saved: np.ndarray, missing: np.ndarray) -> np.ndarray:
@@ -232,4 +290,6 @@ def _apply(state: _State, move) -> str:
         state.dropped.add(key)
     else:
         state.dropped.discard(key)
+    for g in state.blocks[key].internal:  # a dropped branch's groups cost nothing: they count (and return) full
+        state.index[g] = len(state.groups[g].widths) - 1
     return f"{kind} block {key}"

@@ -1,56 +1,103 @@
-"""After surgery: measure the original and the result on the target, side by side with the prediction.
+"""Measure a candidate against the original on the target, side by side with the prediction.
 
 Both models are timed in interleaved rounds (A B A B ...) by compressor.bench.run_benchmark, in this process, with
-the session options of `compress bench`. The predictor error is (predicted − measured) / measured for the result;
-it is flagged above 10%. Because the prediction is anchored on the original's latency when the table was built
-(possibly an earlier run, from the cache), the report also gives the error after rescaling the prediction by the
-original's latency now, which separates a wrong model from a machine that got slower or faster.
+the session options of `compress bench` (`measure_pair`). The planner's closed loop (planner.py) measures every
+candidate it tries this way; `check_latency` reports the measurement of the chosen one (or takes it afresh when the
+loop was off). Predictions are compared as fractions of the original's latency measured in the same benchmark,
+which separates a wrong latency model from a machine that got slower or faster since the table was built:
+
+    predicted_ms = predicted fraction of the original · original measured now
+    predictor_error = (predicted_ms − measured) / measured       flagged above 10%
+
+The predicted fraction is the latency model's, corrected by the loop's earlier measurements (made before the chosen
+candidate was measured, so the error is a real prediction error); the uncorrected model's error is reported too.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import onnx
 
-from compressor.latency.planner import LatencyPlan
 from compressor.latency.request import LatencyRequest
+
+if TYPE_CHECKING:
+    from compressor.latency.planner import LatencyPlan
 
 ERROR_FLAG = 0.10
 CHECK_WARMUP = {"gpu": 20, "cpu": 3}
 CHECK_RUNS = {"gpu": 200, "cpu": 20}
 
 
-def check_latency(original: onnx.ModelProto, result: onnx.ModelProto, planned: LatencyPlan, request: LatencyRequest,
-                  input_shapes: dict | None = None, warmup: int | None = None, runs: int | None = None) -> dict:
-    """Measured latency of original and result on the request's target and batch, with the predictor error.
+@dataclass(frozen=True)
+class PairMeasurement:
+    """p50 milliseconds of the original and a candidate, timed in the same interleaved benchmark."""
 
-    Returns the fields added to the report's `latency` section; `flagged` is True when |error| > 10%.
-    """
+    before_ms: float
+    after_ms: float
+    runs: int
+
+    @property
+    def fraction(self) -> float:
+        """Candidate latency as a fraction of the original's."""
+        return self.after_ms / self.before_ms if self.before_ms > 0 else 1.0
+
+
+def measure_pair(original: onnx.ModelProto, candidate: onnx.ModelProto, request: LatencyRequest,
+                 input_shapes: dict | None = None, warmup: int | None = None, runs: int | None = None
+                 ) -> PairMeasurement:
+    """Time original and candidate on the request's target and batch (interleaved rounds, bench session options)."""
     from compressor.bench import run_benchmark
 
     kind = "gpu" if request.target.on_gpu else "cpu"
     warmup = request.settings.check_warmup if warmup is None else warmup
     runs = request.settings.check_runs if runs is None else runs
-    report = run_benchmark([original, result], [request.target], [request.batch],
+    report = run_benchmark([original, candidate], [request.target], [request.batch],
                            warmup=CHECK_WARMUP[kind] if warmup is None else warmup,
                            runs=CHECK_RUNS[kind] if runs is None else runs, rounds=5, input_shapes=input_shapes,
                            isolate=False, names=["original", "compressed"], with_cost=False, memory=False,
                            environment=False)
     before, after = (m.p50_ms for m in sorted(report.measurements, key=lambda m: m.model_index))
-    predicted = planned.predicted_ms
+    return PairMeasurement(before, after, report.measurements[0].runs)
+
+
+def check_fields(planned: "LatencyPlan", measured: PairMeasurement, predicted_fraction: float) -> dict:
+    """The report fields comparing the prediction for `planned` with its measurement."""
+    before, after = measured.before_ms, measured.after_ms
+    full = planned.model.full_ms
+    predicted = predicted_fraction * before
+    model_fraction = planned.model_predicted_ms / full if full > 0 else 1.0
     error = (predicted - after) / after if after > 0 else None
-    rescaled = predicted * before / planned.model.full_ms if planned.model.full_ms > 0 else predicted
-    rescaled_error = (rescaled - after) / after if after > 0 else None
+    budget = planned.budget_ms if planned.ratio is None else (1.0 - planned.ratio) * before
     return {
         "measured_before_ms": before,
         "measured_after_ms": after,
         "measured_speedup": before / after if after > 0 else None,
+        "budget_ms": budget,
         "predicted_ms": predicted,
         "predictor_error": error,
-        "predictor_error_rescaled": rescaled_error,
+        "model_predicted_ms": planned.model_predicted_ms,
+        "model_predictor_error": (model_fraction * before - after) / after if after > 0 else None,
+        # kept for reports made before the closed loop: the uncorrected model rescaled to the original's latency now
+        "predictor_error_rescaled": (model_fraction * before - after) / after if after > 0 else None,
         "flagged": bool(error is not None and abs(error) > ERROR_FLAG),
-        "budget_met_measured": bool(after <= planned.budget_ms),
-        "check_runs": report.measurements[0].runs,
+        "budget_met_measured": bool(after <= budget),
+        "check_runs": measured.runs,
     }
+
+
+def check_latency(original: onnx.ModelProto, result: onnx.ModelProto, planned: "LatencyPlan", request: LatencyRequest,
+                  input_shapes: dict | None = None, warmup: int | None = None, runs: int | None = None) -> dict:
+    """Measured latency of original and result on the request's target and batch, with the predictor error.
+
+    Reuses the closed loop's measurement of the chosen plan when there is one. Returns the fields added to the
+    report's `latency` section; `flagged` is True when |error| > 10%.
+    """
+    if planned.measured is not None:
+        return check_fields(planned, planned.measured, planned.predicted_fraction)
+    measured = measure_pair(original, result, request, input_shapes, warmup, runs)
+    return check_fields(planned, measured, planned.predicted_fraction)
 
 
 def flag_note(check: dict) -> str | None:
@@ -58,5 +105,5 @@ def flag_note(check: dict) -> str | None:
     if not check.get("flagged"):
         return None
     return (f"latency predictor error {check['predictor_error']:+.1%} exceeds {ERROR_FLAG:.0%}: predicted "
-            f"{check['predicted_ms']:.4g} ms, measured {check['measured_after_ms']:.4g} ms (rescaled to the original's "
-            f"latency now: {check['predictor_error_rescaled']:+.1%})")
+            f"{check['predicted_ms']:.4g} ms, measured {check['measured_after_ms']:.4g} ms (the latency model alone: "
+            f"{check['model_predictor_error']:+.1%})")

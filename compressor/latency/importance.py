@@ -17,8 +17,13 @@ first channels to go are nearly free, each further one costs more; at equal late
 the uniform one, and it cuts deeper where channels cost more time.
 
 Blocks: a residual block's importance is the value of the groups that live only inside its branch, at their
-current widths: dropping the branch is exactly pruning those groups to zero width (the join then adds nothing to
-its skip), so narrowing and dropping are priced in the same currency and the allocation moves between them freely.
+current widths, times a factor ρ (method option `block_value`, default 0.5): dropping the branch is pruning those
+groups to zero width, so narrowing and dropping are priced in the same currency and the allocation moves between
+them freely; but the join then passes its skip on unchanged, and a residual network degrades much less when a
+branch goes than a plain one losing a layer (residual networks behave like ensembles of shallower paths), so a
+dropped branch loses ρ of its channels' value, not all of it. With ρ = 1 and the diminishing returns above, a block
+is only ever dropped where its layers' time does not shrink with their widths (launch-bound targets); with ρ = 0.5
+dropping competes with narrowing on compute-bound targets (CPUs) as well, cheapest importance per ms first.
 """
 
 from __future__ import annotations

@@ -8,40 +8,82 @@ for at least that fraction of the MACs removed.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from compressor.errors import CompressorError
+from compressor.latency import check
 from compressor.latency.allocate import BlockChoice, GroupChoice, ItemCost, allocate_latency
 from compressor.latency.importance import kept_value, method_scores, unit_values
+from compressor.latency.check import PairMeasurement
 from compressor.latency.request import LatencyRequest
 from compressor.latency.table import LatencyModel, build_latency_model
 from compressor.plan import Plan, kept_count, plan_from_counts, prunable_groups
 
 R_MAX = 0.9  # at most 90% of a group's channels go, as in the MAC-targeted allocators
+LOOP_AIM = 0.97  # the closed loop aims a little under the budget (timing noise) ...
+LOOP_ACCEPT = 0.92  # ... and stops at a candidate measuring between this fraction of the budget and the budget
+BLOCK_VALUE_FACTOR = 0.5  # default importance of a dropped residual branch relative to its channels (importance.py)
 
 
 @dataclass
 class LatencyPlan:
-    """The plan, the latency model it was chosen with, and the report section (`info`)."""
+    """The chosen plan, the latency model it was chosen with, and the report section (`info`).
+
+    budget_ms: the requested budget in the latency model's milliseconds (anchored on the original measured when
+    the table was built); predicted_ms: the latency model's prediction for the plan (model_predicted_ms, the same);
+    predicted_fraction: the prediction as a fraction of the original's latency, corrected by the closed loop's
+    earlier measurements; measured: the closed loop's measurement of this plan against the original (None when
+    the loop was off); ratio: the requested --ratio (None for --latency-ms).
+    """
 
     plan: Plan
     model: LatencyModel
     budget_ms: float
     predicted_ms: float
     info: dict = field(default_factory=dict)
+    ratio: float | None = None
+    predicted_fraction: float = 1.0
+    measured: PairMeasurement | None = None
+
+    @property
+    def model_predicted_ms(self) -> float:
+        """The latency model's own prediction (no loop correction), in its milliseconds."""
+        return self.predicted_ms
+
+
+@dataclass
+class _Candidate:
+    plan: Plan
+    allocation: object
+    predicted_ms: float
+    internal_budget_ms: float
+    corrected_fraction: float
+    measured: PairMeasurement | None = None
+    seconds: float = 0.0
 
 
 def plan_for_latency(analysis, method: str, options, request: LatencyRequest, progress=None) -> LatencyPlan:
-    """Plan the compression of `analysis` so that its predicted latency on request.target meets the budget."""
+    """Plan the compression of `analysis` so that its latency on request.target meets the budget.
+
+    Open loop (settings.loop_iterations == 0): the plan whose predicted latency meets the budget. Closed loop (the
+    default): each candidate is built and measured against the original on the target; the budget handed to the
+    allocation is corrected by the measured/predicted relation (a secant through the measured candidates) until a
+    candidate measures within [LOOP_ACCEPT, 1] of the budget, for at most loop_iterations candidates and within
+    the profile budget; the candidate meeting the measured budget with the most importance kept is chosen.
+    """
+    check_batch(analysis, request.batch)
     variable = set(prunable_groups(analysis, options))
     droppable = {b.index for b in analysis.blocks} - analysis.excluded_blocks(options.exclude)
     if not variable and not droppable:
         raise CompressorError("nothing prunable: every channel is blocked (graph outputs, unsupported ops or --exclude)")
     macs_ratio = _macs_ratio(options.extra)
+    block_factor = _block_value_factor(options.extra)
     scores, score_note = method_scores(method, analysis, options, sorted(variable))
     floors = {g: _floor(analysis.groups[g], options.min_channels) for g in variable}
+    started = time.perf_counter()
     model = build_latency_model(analysis, floors, droppable, request, options.round_to, progress)
     budget = request.latency_ms if request.latency_ms is not None else (1.0 - request.ratio) * model.full_ms
     if budget >= model.full_ms:
@@ -55,22 +97,41 @@ def plan_for_latency(analysis, method: str, options, request: LatencyRequest, pr
     if macs_ratio is not None:
         other_macs = analysis.macs - sum(float(i.macs[tuple(-1 for _ in i.dims)]) for i in items)
         macs_budget = (1.0 - macs_ratio) * analysis.macs - other_macs
-    blocks = {b: BlockChoice(b, _internal_groups(analysis, b, model, variable)) for b in sorted(droppable)}
-    allocation = allocate_latency(groups, items, blocks, (budget - model.offset_ms) / model.scale, macs_budget)
-    dead = {g for b in allocation.dropped for g in blocks[b].internal}
-    keep = {g: w for g, w in allocation.widths.items() if g not in dead and w < analysis.groups[g].size}
-    plan = plan_from_counts(analysis, scores, keep)
-    plan.dropped_blocks = set(allocation.dropped)
-    widths = {g: analysis.groups[g].size - len(plan.removed.get(g, ())) for g in variable}
-    predicted = model.predict_ms(widths, plan.dropped_blocks)
-    if plan.is_empty():
+    blocks = {b: BlockChoice(b, _internal_groups(analysis, b, model, variable), block_factor) for b in sorted(droppable)}
+
+    def candidate(internal_ms: float, corrected_fraction: float | None = None) -> _Candidate:
+        allocation = allocate_latency(groups, items, blocks, (internal_ms - model.offset_ms) / model.scale, macs_budget)
+        dead = {g for b in allocation.dropped for g in blocks[b].internal}
+        keep = {g: w for g, w in allocation.widths.items() if g not in dead and w < analysis.groups[g].size}
+        plan = plan_from_counts(analysis, scores, keep)
+        plan.dropped_blocks = set(allocation.dropped)
+        widths = {g: analysis.groups[g].size - len(plan.removed.get(g, ())) for g in variable}
+        predicted = model.predict_ms(widths, plan.dropped_blocks)
+        fraction = predicted / model.full_ms if corrected_fraction is None else corrected_fraction
+        return _Candidate(plan, allocation, predicted, internal_ms, fraction)
+
+    first = candidate(budget)
+    if first.plan.is_empty():
         raise CompressorError(f"no pruning saves latency on {request.target} at batch {request.batch} under the "
                               f"measured latency model (measured {model.full_ms:.4g} ms, budget {budget:.4g} ms)")
+    remaining = None if request.profile_budget_s is None else request.profile_budget_s - (time.perf_counter() - started)
+    tried = _closed_loop(analysis, model, candidate, first, budget, request, remaining, progress)
+    chosen = _choose(tried, budget, model.full_ms, request)
+    plan, allocation, predicted = chosen.plan, chosen.allocation, chosen.predicted_ms
     info = _report_section(request, model, budget, predicted, allocation, method, score_note)
     info["macs_ratio"] = macs_ratio
+    info["block_value_factor"] = block_factor
+    info["closed_loop"] = _loop_report(tried, chosen, model.full_ms)
     plan.notes.append(f"latency on {request.target} batch {request.batch}: measured {model.full_ms:.4g} ms, budget "
                       f"{budget:.4g} ms, predicted {predicted:.4g} ms (alignment {model.alignment}, "
                       f"{model.info['measured']} timed, {model.info['cache_hits']} from the cache)")
+    if len(tried) > 1 or tried[0].measured is not None:
+        plan.notes.append(f"closed loop: {len(tried)} candidate(s) measured on {request.target}, chosen the one at "
+                          f"{chosen.measured.fraction:.3f} of the original's latency (budget {budget / model.full_ms:.3f})"
+                          if chosen.measured else "closed loop: no measurement")
+        if chosen.measured and chosen.measured.fraction > budget / model.full_ms * (1 + 1e-9):
+            plan.notes.append("the measured latency budget was not met by any candidate of the closed loop; the "
+                              "fastest one is kept")
     if score_note:
         plan.notes.append(score_note)
     if not allocation.met:
@@ -82,7 +143,124 @@ def plan_for_latency(analysis, method: str, options, request: LatencyRequest, pr
     if model.info["failed"]:
         plan.notes.append(f"some layer widths could not be timed on {request.target} (e.g. {model.info['failed'][0]}); "
                           "those layers use a coarser table")
-    return LatencyPlan(plan, model, budget, predicted, info)
+    return LatencyPlan(plan, model, budget, predicted, info, None if request.latency_ms is not None else request.ratio,
+                       chosen.corrected_fraction, chosen.measured)
+
+
+def _closed_loop(analysis, model: LatencyModel, candidate, first: _Candidate, budget: float, request: LatencyRequest,
+                 remaining_s: float | None, progress) -> list[_Candidate]:
+    """Measure candidates and correct the allocation's budget until one measures just under the budget."""
+    from compressor.surgery import apply_plan
+
+    iterations = request.settings.loop_iterations
+    tried = [first]
+    if iterations <= 0:
+        return tried
+    wanted = budget / model.full_ms  # as a fraction of the original's latency (measured side by side)
+    current = first
+    while True:
+        start = time.perf_counter()
+        if progress:
+            progress(f"measuring candidate {len(tried)} on {request.target}")
+        compressed = apply_plan(analysis, current.plan)
+        current.measured = check.measure_pair(analysis.proto, compressed, request, analysis.input_shapes)
+        current.seconds = time.perf_counter() - start
+        if remaining_s is not None:
+            remaining_s -= current.seconds
+        if request.latency_ms is not None:
+            wanted = request.latency_ms / current.measured.before_ms
+        fraction = current.measured.fraction
+        if LOOP_ACCEPT * wanted <= fraction <= wanted or len(tried) >= iterations:
+            break
+        if remaining_s is not None and remaining_s < current.seconds:
+            break
+        to_fraction, to_predicted = _measured_relation(tried, model, wanted * LOOP_AIM)
+        internal = to_predicted(wanted * LOOP_AIM)
+        if internal is None or any(abs(internal - t.internal_budget_ms) <= 1e-9 * budget for t in tried):
+            break
+        nxt = candidate(internal)
+        nxt.corrected_fraction = to_fraction(nxt.predicted_ms)
+        if any(_same_plan(nxt.plan, t.plan) for t in tried):
+            break
+        tried.append(nxt)
+        current = nxt
+    return tried
+
+
+def _measured_relation(tried: list[_Candidate], model: LatencyModel, aim: float):
+    """(to_fraction, to_predicted): the measured fraction of the original's latency as a function of the latency
+    model's predicted ms, and its inverse clamped to predictions the allocation can reach.
+
+    Through the origin and the measured candidate nearest to `aim` with one point (m ∝ p); with more, the secant
+    through the two measured candidates nearest to `aim` when it rises, else the former."""
+    points = sorted(((t.predicted_ms, t.measured.fraction) for t in tried if t.measured),
+                    key=lambda pm: abs(pm[1] - aim))
+    p0, m0 = points[0]
+    slope = m0 / p0 if p0 > 0 else None
+    if len(points) > 1:
+        p1, m1 = points[1]
+        if abs(p1 - p0) > 1e-12 and (m1 - m0) / (p1 - p0) > 0:
+            slope = (m1 - m0) / (p1 - p0)
+
+    def to_fraction(p: float) -> float:
+        return m0 + (p - p0) * slope if slope else p / model.full_ms
+
+    def to_predicted(m: float) -> float | None:
+        if not slope:
+            return None
+        return float(min(max(p0 + (m - m0) / slope, 1e-6 * model.full_ms), model.full_ms))
+
+    return to_fraction, to_predicted
+
+
+def _same_plan(a: Plan, b: Plan) -> bool:
+    return a.dropped_blocks == b.dropped_blocks and {g: len(v) for g, v in a.removed.items() if len(v)} == {
+        g: len(v) for g, v in b.removed.items() if len(v)}
+
+
+def _choose(tried: list[_Candidate], budget: float, full_ms: float, request: LatencyRequest) -> _Candidate:
+    """The measured candidate meeting the measured budget with the most importance kept; else the fastest measured
+    one; without measurements, the only candidate."""
+    measured = [t for t in tried if t.measured is not None]
+    if not measured:
+        return tried[0]
+
+    def wanted(t: _Candidate) -> float:
+        if request.latency_ms is not None:
+            return request.latency_ms / t.measured.before_ms
+        return budget / full_ms
+
+    meeting = [t for t in measured if t.measured.fraction <= wanted(t) * (1 + 1e-9)]
+    if meeting:
+        return max(meeting, key=lambda t: (t.allocation.kept_value, t.measured.fraction))
+    return min(measured, key=lambda t: t.measured.fraction)
+
+
+def _loop_report(tried: list[_Candidate], chosen: _Candidate, full_ms: float) -> list[dict]:
+    return [{"allocation_budget_ms": t.internal_budget_ms, "model_predicted_ms": t.predicted_ms,
+             "predicted_fraction": t.corrected_fraction,
+             "measured_fraction": t.measured.fraction if t.measured else None,
+             "measured_before_ms": t.measured.before_ms if t.measured else None,
+             "measured_after_ms": t.measured.after_ms if t.measured else None,
+             "blocks_dropped": len(t.plan.dropped_blocks), "importance_kept": (
+                 t.allocation.kept_value / t.allocation.total_value if t.allocation.total_value else 1.0),
+             "seconds": round(t.seconds, 2), "chosen": t is chosen} for t in tried]
+
+
+def check_batch(analysis, batch: int) -> None:
+    """CompressorError (one line, before any profiling) when an input has a fixed batch size other than `batch`.
+
+    The model is not adapted: a fixed batch axis usually comes with batch-sized constants elsewhere in the graph
+    (Reshape targets, Expand shapes), and a latency measured on a rewritten copy would not be the one deployed.
+    """
+    from compressor.bench import graph_inputs
+
+    for inp in graph_inputs(analysis.proto):
+        dims = inp.type.tensor_type.shape.dim
+        fixed = dims[0].dim_value if len(dims) and dims[0].HasField("dim_value") and dims[0].dim_value > 0 else None
+        if fixed is not None and fixed != batch:
+            raise CompressorError(f"--batch {batch}: input '{inp.name}' has a fixed batch size of {fixed}; export the "
+                                  f"model with a dynamic batch axis to profile it at batch {batch}, or use --batch {fixed}")
 
 
 def _macs_ratio(extra: dict) -> float | None:
@@ -121,6 +299,17 @@ def item_macs(analysis, item, candidates: list) -> np.ndarray:
             value = value * fraction / len(units)
         total += value
     return total
+
+
+def _block_value_factor(extra: dict) -> float:
+    raw = extra.get("block_value", BLOCK_VALUE_FACTOR)
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise CompressorError(f"block_value must be a number in [0, 1], got '{raw}'")
+    return value
 
 
 def _floor(group, min_channels: int) -> int:

@@ -17,7 +17,8 @@ class ProfileSettings:
 
     The number of timed runs adapts to the layer: enough to fill about `seconds_per_point` of timing, between
     `min_runs` and `max_runs`. `max_level` bounds the table refinement (see grid.py). The whole network
-    is timed for about `calibration_seconds` (`calibration_runs` to 10x as many runs).
+    is timed for about `calibration_seconds` (`calibration_runs` to 10x as many runs). The closed loop of the
+    planner measures up to `loop_iterations` candidate networks against the original (`check_warmup`/`check_runs`).
     """
 
     warmup: int = 3
@@ -27,6 +28,8 @@ class ProfileSettings:
     calibration_runs: int = 10
     calibration_seconds: float = 1.0
     max_level: int = 3
+    loop_iterations: int = 3  # candidates the closed loop measures at most (0: plan from the latency model alone)
+    table_share: float = 0.75  # with the loop on, the share of --profile-budget the table may use
     check_warmup: int | None = None  # the after-surgery check (None: 20 on GPUs, 3 on CPUs)
     check_runs: int | None = None  # (None: 200 on GPUs, 20 on CPUs)
 

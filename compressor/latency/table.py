@@ -73,12 +73,13 @@ def measure_ms(model: onnx.ModelProto, target, batch: int, settings: ProfileSett
 
 
 def overhead_model() -> onnx.ModelProto:
-    """The cheapest session run: one Relu on a single number. Its latency is subtracted from every micro-model's."""
+    """The cheapest session run: one Relu on one number per sample. Its latency is subtracted from every
+    micro-model's. The batch axis is dynamic, so it runs at the request's batch like everything else."""
     from onnx import TensorProto, helper
 
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "overhead",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])])
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1])])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
@@ -125,6 +126,9 @@ class Profiler:
         self.network_key = ""
         self.probe_points: list[tuple[int, dict[int, int], float]] = []  # (offset, widths, ms): the network probe
         self._overhead: float | None = None
+        budget, settings = request.profile_budget_s, request.settings
+        # the closed loop (planner.py) measures whole candidates after the table: it keeps a share of the budget
+        self.budget_s = None if budget is None else budget * (settings.table_share if settings.loop_iterations else 1.0)
 
     def elapsed(self) -> float:
         """Seconds since profiling started."""
@@ -132,7 +136,7 @@ class Profiler:
 
     def affordable(self) -> bool:
         """Whether one more measurement fits in the profile budget (estimated from the ones so far)."""
-        budget = self.request.profile_budget_s
+        budget = self.budget_s
         if budget is None:
             return True
         estimate = self.measure_seconds / self.micro_measured if self.micro_measured else 0.0
@@ -264,7 +268,7 @@ def choose_alignment(profiler: Profiler, sizes: dict[int, int]) -> tuple[int, di
     if not wide:
         return ALIGNMENTS[0], {"source": "default: no group has 128 or more channels to probe"}
     analysis = profiler.analysis
-    budget = profiler.request.profile_budget_s
+    budget = profiler.budget_s
     offsets = (0, *ALIGNMENTS, PROBE_SPAN)
     times = []
     for offset in offsets:
