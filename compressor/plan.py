@@ -128,7 +128,8 @@ def allocate(analysis, scores: dict[int, np.ndarray], options: PlanOptions, laye
             keep[g] = max(count, size - n_prunable)
         return plan_from_counts(analysis, scores, keep)
 
-    top = max(r_max, 1e-6) / max(min(w for w in weights.values() if w > 0) if any(w > 0 for w in weights.values()) else 1.0, 1e-6)
+    positive = [w for w in weights.values() if w > 0]
+    top = max(r_max, 1e-6) / max(min(positive), 1e-6) if positive else max(r_max, 1e-6)
     lo, hi = 0.0, top
     best, best_err = None, np.inf
     for _ in range(40):
