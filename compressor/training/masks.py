@@ -185,7 +185,13 @@ def plan_masks(model: nn.Module, method: str, ratio: float, *, image_size: int =
         if exporter == "torchscript":  # the dynamo exporter failed: plan on the export that keeps the names
             exporter = export_onnx(model, path, keep_bn=True, image_size=image_size)
         result = compress(str(path), method=method, ratio=ratio, verify=False, **compress_options)
-    masks = masks_from_pruned(model, result.analysis.pruned_parameters(result.plan), result.analysis.proto.graph)
-    report = {k: v for k, v in result.report.items() if k not in ("layers", "groups")}
+    masks, report = masks_from_result(model, result)
     report["plan_export"] = exporter
     return masks, report
+
+
+def masks_from_result(model: nn.Module, result) -> tuple[ParameterMasks, dict]:
+    """Masks for a finished engine compression (`compressor.compress` on the model's export, any target, e.g.
+    --target latency, or a plan made elsewhere) and its report without per-layer tables."""
+    masks = masks_from_pruned(model, result.analysis.pruned_parameters(result.plan), result.analysis.proto.graph)
+    return masks, {k: v for k, v in result.report.items() if k not in ("layers", "groups")}

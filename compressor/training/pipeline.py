@@ -56,11 +56,15 @@ class TrainJob:
     verify_images: int = 1000
     num_classes: int = 10
     command: str = ""
+    masks: ParameterMasks | None = None  # precomputed masks (e.g. masks_from_result) instead of --prune planning
+    plan_report: dict | None = None  # what to report about them
 
     def validate(self) -> None:
         """Raise CompressorError on inconsistent options."""
         if self.method not in METHODS:
             raise CompressorError(f"unknown training method '{self.method}' (choose from: {', '.join(METHODS)})")
+        if self.masks is not None and (self.prune or self.method != "none"):
+            raise CompressorError("precomputed masks are fine-tuned as they are: no --prune and no --method")
         if self.prune and self.method != "none":
             raise CompressorError("--prune plans a mask for plain fine-tuning; it cannot be combined with --method")
         if (self.prune or self.method == "gsm") and self.ratio is None:
@@ -167,6 +171,8 @@ def _sparse_phase(job: TrainJob, model: nn.Module, data: CifarData, ctx: DistCon
                   say: LogFn) -> tuple[ParameterMasks | None, dict]:
     """The recipe's part before the fine-tune: the masks to freeze and what to report about it."""
     workdir = out_prefix(job.out).parent
+    if job.masks is not None:
+        return job.masks, {"plan": dict(job.plan_report or {})}
     if job.prune:
         planned = ctx.broadcast_object(plan_masks(model, job.prune, job.ratio, workdir=workdir) if ctx.is_main else None)
         masks, report = planned
