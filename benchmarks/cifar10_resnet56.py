@@ -18,6 +18,11 @@ log.txt (and baseline.pt, for a later call with --baseline); the work files stay
 GPU machine, one call (the lead's five part calls first; see ../shared/device/README.md):
     source .device/base/setup.sh && python3 benchmarks/cifar10_resnet56.py --data .device/base/data \\
         --models .device/base/models --out $OUT
+Only the AMSC rows, from the committed baseline checkpoint (carry runs/r56-baseline.pt; about 8 minutes on an H200:
+each AMSC trial is 2 sparse epochs + BN re-estimation + 1 recovery epoch + an export, about 10 s):
+    source .device/base/setup.sh && python3 benchmarks/cifar10_resnet56.py --data .device/base/data \\
+        --models .device/base/models --out $OUT --baseline runs/r56-baseline.pt \\
+        --rows baseline,amsc,amsc-depth,amsc-width --time-limit 500
 CPU smoke run:
     python3 benchmarks/cifar10_resnet56.py --data ../shared/data/cifar10 --models ../shared/models --out /tmp/r56 \\
         --limit 600 --baseline-epochs 1 --finetune-epochs 1 --sparse-epochs 1 --grid-points 2 --refine 0
@@ -41,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 NAME = "cifar10_resnet56"
+AMSC_RECOVER_EPOCHS = 1  # AmscOptions.recover_epochs: the fine-tune epoch after each trial's sparse phase
 CHECKPOINT_GLOB = "resnet56-*.th"
 ALL_ROWS = ("baseline", "amsc", "amsc-depth", "amsc-width", "amsc-uniform", "amsc-reverse", "graph-rw", "l1",
             "gsm-structured", "gsm-unstructured")
@@ -117,7 +123,8 @@ def row_seconds(row: str, args: argparse.Namespace, epoch_seconds: float) -> flo
     if row.startswith("amsc"):
         stages = 2 if row in ("amsc", "amsc-uniform", "amsc-reverse") else 1
         trials = stages * (args.grid_points + args.refine + 1) + (stages - 1)
-        return (trials * args.sparse_epochs + args.finetune_epochs) * epoch_seconds + 3.0 * trials + fixed
+        trial_epochs = args.sparse_epochs + AMSC_RECOVER_EPOCHS
+        return (trials * trial_epochs + args.finetune_epochs) * epoch_seconds + 3.0 * trials + fixed
     if row.startswith("gsm"):
         return (args.gsm_epochs + args.finetune_epochs) * epoch_seconds + fixed
     return args.finetune_epochs * epoch_seconds + fixed + 5.0
@@ -238,7 +245,7 @@ def summarize(row: str, metrics: dict, baseline_top1: float | None, args: argpar
     if "amsc" in metrics:
         amsc = metrics["amsc"]
         summary["amsc"] = {k: amsc[k] for k in ("lambda_depth", "lambda_width", "chosen", "trials", "notes", "weighting")}
-        summary["epochs_trained"] += len(amsc["trials"]) * args.sparse_epochs
+        summary["epochs_trained"] += len(amsc["trials"]) * (args.sparse_epochs + AMSC_RECOVER_EPOCHS)
     if "gsm" in metrics:
         summary["epochs_trained"] += args.gsm_epochs
         summary["gsm"] = {k: v for k, v in (metrics["gsm"] or {}).items() if k != "layer_sparsity"}
@@ -279,11 +286,14 @@ def markdown(result: dict) -> str:
             a = r["amsc"]
             lines += ["", f"## {r['label']}: lambda search (validation split, {a['weighting']} weights)", "",
                       f"Chosen lambda0 = {a['lambda_depth']:.4g}, lambda1 = {a['lambda_width']:.4g}. "
-                      + " ".join(a["notes"]), "", "| stage | lambda0 | lambda1 | val top-1 % | MACs removed | "
-                      "zero blocks | zero filters |", "|---|---|---|---|---|---|---|"]
+                      + " ".join(a["notes"]), "", "Judged val top-1: zero groups frozen, filters renormalized, BN "
+                      "re-estimated, 1 recovery epoch; raw: right after the sparse phase.", "",
+                      "| stage | lambda0 | lambda1 | judged val top-1 % | raw val top-1 % | MACs removed | "
+                      "zero blocks | zero filters |", "|---|---|---|---|---|---|---|---|"]
             for t in a["trials"]:
+                raw = _fmt(t.get("val_sparse"), ".2f")
                 lines.append(f"| {t['stage']} | {t['lambda_depth']:.4g} | {t['lambda_width']:.4g} | {t['val_top1']:.2f} | "
-                             f"{100 * t['macs_removed']:.1f}% | {t['blocks_zero']} | {t['filters_zero']} |")
+                             f"{raw} | {100 * t['macs_removed']:.1f}% | {t['blocks_zero']} | {t['filters_zero']} |")
     if any("gsm" in r for r in rows):
         lines += ["", "GSM unstructured zeros single weights: ONNX Runtime runs dense kernels, so that model is not "
                   "faster or smaller; its sparsity is in the JSON."]
@@ -311,8 +321,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown rows {unknown} (choose from: {', '.join(ALL_ROWS)})")
     checkpoints = sorted(Path(args.models).rglob(CHECKPOINT_GLOB))
-    if not checkpoints:
+    if not checkpoints and not args.baseline:
         raise SystemExit(f"no {CHECKPOINT_GLOB} under {args.models}")
+    if args.baseline and not Path(args.baseline).is_file():
+        raise SystemExit(f"baseline checkpoint not found: {args.baseline}")
     try:
         import PIL  # noqa: F401
     except ImportError:

@@ -19,9 +19,10 @@ from compressor.training.amsc import (
     auto_grid,
     kill_lambdas,
     proximal_step,
+    renormalize_filters,
     structure_masks,
 )
-from compressor.training.amsc_search import AmscOptions, _boundary, run_amsc
+from compressor.training.amsc_search import AmscOptions, _boundary, _search, reestimate_batchnorm, run_amsc
 from compressor.training.export import export_and_slim, onnxscript_available
 from compressor.training.loop import TrainConfig
 from compressor.training.models import build_model
@@ -262,3 +263,101 @@ def test_boundary_search_extends_below_a_grid_that_starts_past_the_boundary():
     found, _ = _boundary(lambda lam: tried.append(lam) or {"m": lam}, [4.0, 8.0], lambda r: r["m"] >= 1.5,
                          "smallest", 1)
     assert tried == pytest.approx([4.0, 8.0, 2.0, 1.0, math.sqrt(2.0)]) and found == 2.0  # sqrt(2) < 1.5
+
+
+# --- judging a trial: renormalized filters, re-estimated BN statistics; the depth stage's share -------------------
+
+
+def test_renormalize_filters_restores_start_norms_and_keeps_the_function():
+    model = tiny_resnet()
+    structure = amsc_structure(model)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        model.layer1[0].conv1.weight.mul_(0.01)  # a shrunk block conv
+        model.layer2[0].conv1.weight[:3].mul_(0.1)  # three shrunk filters of a width layer
+        model.layer2[0].conv1.weight[5].zero_()  # one removed filter
+        before = model.eval()(x)
+    rescaled = renormalize_filters(structure)
+    with torch.no_grad():
+        after = model(x)
+    assert rescaled == sum(p.conv.out_channels for p in structure.conv_bns) - 1
+    for pair in structure.conv_bns:
+        norms, start = pair.filter_norms(), pair.start_norms
+        alive = norms > 0
+        assert torch.allclose(norms[alive], start[alive], rtol=1e-5)
+    assert float(model.layer2[0].conv1.weight[5].detach().abs().max()) == 0.0
+    assert torch.allclose(before, after, atol=1e-4, rtol=1e-4)  # BN eps is the only difference
+
+
+def test_bn_reestimation_forgets_old_statistics_and_averages_batch_statistics():
+    data = synthetic_data(n_train=96)
+    first = tiny_resnet()
+    second = tiny_resnet()
+    randomize_bn(second, seed=5)  # other running statistics, same weights except BN affine
+    second.load_state_dict({k: v for k, v in first.state_dict().items() if "running" not in k}, strict=False)
+    assert not torch.equal(first.bn1.running_mean, second.bn1.running_mean)
+    used = [reestimate_batchnorm(m, data, 3, 32) for m in (first, second)]
+    assert used == [3, 3] and not first.training and first.bn1.momentum == 0.1
+    for a, b in zip(first.modules(), second.modules()):
+        if isinstance(a, nn.BatchNorm2d):
+            assert torch.allclose(a.running_mean, b.running_mean, atol=1e-6)
+            assert torch.allclose(a.running_var, b.running_var, atol=1e-6)
+    # by hand: the stem conv's outputs on the same three batches, per-batch mean and unbiased variance, averaged
+    batches = [x for x, _ in data.train_batches(10_000, 32)][:3]
+    with torch.no_grad():
+        outs = [first.conv1(x) for x in batches]
+    mean = torch.stack([o.mean((0, 2, 3)) for o in outs]).mean(0)
+    var = torch.stack([o.var((0, 2, 3), unbiased=True) for o in outs]).mean(0)
+    assert torch.allclose(first.bn1.running_mean, mean, atol=1e-5)
+    assert torch.allclose(first.bn1.running_var, var, rtol=1e-4, atol=1e-6)
+    assert reestimate_batchnorm(first, data, 0, 32) == 0
+
+
+class FakeTrials:
+    """Stands in for _Trials: MACs removed grow with each lambda; validation top-1 falls with them."""
+
+    def __init__(self, depth_cost: float, width_cost: float):
+        self.records: dict = {}
+        self.depth_cost, self.width_cost = depth_cost, width_cost
+
+    def run(self, lambda_depth, lambda_width, stage):
+        key = (float(lambda_depth), float(lambda_width))
+        if key not in self.records:
+            depth, width = min(0.8, lambda_depth), min(0.8, lambda_width)
+            macs = depth + (1 - depth) * width
+            self.records[key] = {"stage": stage, "lambda_depth": key[0], "lambda_width": key[1],
+                                 "macs_removed": macs,
+                                 "val_top1": 90.0 - self.depth_cost * 100 * depth - self.width_cost * 100 * width}
+        return self.records[key]
+
+
+def _fake_search(depth_cost, width_cost, **options):
+    trials = FakeTrials(depth_cost, width_cost)
+    settings = dict(search=True, ratio=0.6, max_drop=10.0, refine=0, depth_grid=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7),
+                    width_grid=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6))
+    settings.update(options)
+    notes: list[str] = []
+    key = _search(trials, amsc_structure(tiny_resnet()), AmscOptions(**settings), 1.0, notes)
+    return key, trials, notes
+
+
+def test_depth_stage_takes_at_most_its_share_of_the_target():
+    key, trials, _ = _fake_search(0.1, 0.1, depth_share=0.5)
+    assert key[0] == pytest.approx(0.3) and key[1] > 0  # largest lambda0 with MACs <= 0.5 * 0.6 (and drop <= 10)
+    assert trials.records[key]["macs_removed"] >= 0.6
+    key, _, _ = _fake_search(0.1, 0.05, max_drop=2.5)
+    assert key[0] == pytest.approx(0.2) and key[1] > 0  # accuracy decides first: 0.3 would lose 3 points
+
+
+def test_depth_may_take_the_whole_target_and_width_then_stays_off():
+    key, trials, notes = _fake_search(0.01, 0.1)  # depth is cheap: it reaches the ratio within max-drop
+    assert key == (pytest.approx(0.6), 0.0) and not any(r["stage"] == "width" for r in trials.records.values())
+    assert any("already removes the ratio" in n for n in notes)
+
+
+def test_both_keeps_depth_alone_when_it_is_more_accurate_at_the_ratio():
+    key, trials, notes = _fake_search(0.1, 0.3, max_drop=2.5)  # depth within drop up to 0.2; width is expensive
+    assert key[1] == 0.0 and trials.records[key]["macs_removed"] >= 0.6
+    assert any("depth alone" in n for n in notes)
+    key, _, _ = _fake_search(0.3, 0.05, max_drop=2.5)  # width is cheap: depth + width stays
+    assert key[1] > 0

@@ -10,6 +10,13 @@ Loss = CE + lambda0 * sum_l w(l) ||theta_l||_2 + lambda1 * sum_{l,j} w(l,j) ||th
 Optimization is SGD on CE followed, after every step, by the proximal operator of the penalty: group soft-thresholding
 theta_g <- theta_g * max(0, 1 - lr * lambda * w(g) / ||theta_g||), filters first, then blocks (for nested groups this
 order is the exact proximal operator of the sum). Groups reach exact zeros; their momentum is cleared as they do.
+
+Every conv in a group is directly followed by its BN, so the network's function does not depend on the norm of a
+conv filter, only on its direction (and on gamma, beta). The shrinkage therefore leaves the surviving filters far
+smaller than they started, which (a) makes the BN running statistics lag behind the weights during the sparse phase
+and (b) multiplies the effective learning rate of a later fine-tune on those filters by (start norm / norm)^2, which
+scrambles them. `renormalize_filters` undoes the scale exactly (each surviving filter back to its starting norm, its
+BN running mean/var rescaled to match): the same function up to BN's eps, the same structure, healthy step sizes.
 """
 
 from __future__ import annotations
@@ -75,12 +82,26 @@ class WidthLayer:
 
 
 @dataclass
+class ConvBn:
+    """A conv whose weights belong to a group, the BN that directly normalizes it, and its starting filter norms."""
+
+    conv: nn.Conv2d
+    bn: nn.BatchNorm2d
+    start_norms: torch.Tensor
+
+    def filter_norms(self) -> torch.Tensor:
+        """Current norm of every output filter of the conv."""
+        return torch.linalg.vector_norm(self.conv.weight.detach().reshape(self.conv.out_channels, -1).float(), dim=1)
+
+
+@dataclass
 class AmscStructure:
     """The depth and width groups of a model, with their penalty weights fixed from the starting weights."""
 
     depth: list[DepthGroup]
     width: list[WidthLayer]
     weighting: str = "adaptive"
+    conv_bns: list[ConvBn] = field(default_factory=list)
 
     def counts(self) -> dict:
         """Groups in the model and how many are exactly zero now (filters_zero: outside zero blocks)."""
@@ -134,6 +155,7 @@ def amsc_structure(model: nn.Module, dims: str = "both", weighting: str = "adapt
     module_names = {id(m): n for n, m in model.named_modules()}
     depth: list[DepthGroup] = []
     width: list[WidthLayer] = []
+    pairs: dict[int, tuple[nn.Conv2d, nn.BatchNorm2d]] = {}
     blocks = _residual_blocks(model)
     if blocks:
         for name, _block, layers, identity in blocks:
@@ -141,6 +163,7 @@ def amsc_structure(model: nn.Module, dims: str = "both", weighting: str = "adapt
                 params = [(names[id(p)], p) for conv, bn in layers for p in (conv.weight, bn.weight, bn.bias)]
                 params += [(names[id(conv.bias)], conv.bias) for conv, _ in layers if conv.bias is not None]
                 depth.append(DepthGroup(name, params))
+                pairs.update({id(conv): (conv, bn) for conv, bn in layers})
             if dims != "depth-only":
                 for (conv, bn), (consumer, _) in zip(layers[:-1], layers[1:]):
                     if conv.groups == 1 and consumer.groups == 1 and conv.bias is None:
@@ -151,9 +174,35 @@ def amsc_structure(model: nn.Module, dims: str = "both", weighting: str = "adapt
     if not depth and not width:
         raise CompressorError(f"AMSC ({dims}) finds no groups in this model: it supports ResNet-style blocks "
                               "(conv1/bn1/conv2/bn2) and VGG-style conv+BN stacks")
+    pairs.update({id(layer.conv): (layer.conv, layer.bn) for layer in width})
     structure = AmscStructure(depth, width, weighting)
+    structure.conv_bns = [ConvBn(conv, bn, torch.ones(0)) for conv, bn in pairs.values()]
+    for pair in structure.conv_bns:
+        pair.start_norms = pair.filter_norms().clone()
     set_group_weights(structure, weighting)
     return structure
+
+
+@torch.no_grad()
+def renormalize_filters(structure: AmscStructure) -> int:
+    """Scale every non-zero filter of the structure's convs back to its starting norm and its BN running mean and
+    variance by the same factor (and its square): the model computes the same function (exactly, up to BN's eps),
+    zero filters stay zero, and a fine-tune gets the step sizes of the starting weights back. Returns the number of
+    filters rescaled."""
+    rescaled = 0
+    for pair in structure.conv_bns:
+        norms = pair.filter_norms()
+        start = pair.start_norms.to(norms.device)
+        alive = (norms > 0) & (start > 0)
+        scale = torch.where(alive, start / torch.where(alive, norms, torch.ones_like(norms)), torch.ones_like(norms))
+        pair.conv.weight.mul_(scale.view(-1, 1, 1, 1).to(pair.conv.weight.dtype))
+        if pair.conv.bias is not None:
+            pair.conv.bias.mul_(scale.to(pair.conv.bias.dtype))
+        if pair.bn.running_mean is not None:
+            pair.bn.running_mean.mul_(scale.to(pair.bn.running_mean.dtype))
+            pair.bn.running_var.mul_((scale ** 2).to(pair.bn.running_var.dtype))
+        rescaled += int(alive.sum())
+    return rescaled
 
 
 @torch.no_grad()
