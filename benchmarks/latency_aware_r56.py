@@ -272,8 +272,18 @@ def markdown(record: dict, args) -> str:
               f"{latency['measured_after_ms']:.4g} ms (predictor error {latency['predictor_error']:+.1%}"
               f"{', over 10%' if latency['flagged'] else ''}; the latency model alone "
               f"{latency['model_predictor_error']:+.1%}); closed loop: {len(latency.get('closed_loop') or [])} "
-              f"candidate(s) measured.", "",
-              "| MAC ratio tried | MACs x | latency vs latency-aware |", "|---|---|---|"]
+              f"candidate(s) measured, each side by side with the original (paired ratio, budget "
+              f"{1 - args.ratio:.3f} of the original's latency).", ""]
+    if latency.get("closed_loop"):
+        lines += ["| allocation budget ms | predicted fraction | measured fraction (paired) | original ms | blocks "
+                  "dropped | importance kept | chosen |", "|---|---|---|---|---|---|---|"]
+        for c in latency["closed_loop"]:
+            lines.append(f"| {c['allocation_budget_ms']:.4g} | {_fmt(c['predicted_fraction'], '.3f')} | "
+                         f"{_fmt(c['measured_fraction'], '.3f')} | {_fmt(c['measured_before_ms'], '.4g')} | "
+                         f"{c['blocks_dropped']} | {c['importance_kept']:.3f} | {'yes' if c['chosen'] else ''} |")
+        lines.append("")
+    lines += [f"Note: {n}" for n in plans["latency-aware"].get("notes") or [] if "closed loop" in n]
+    lines += ["", "| MAC ratio tried | MACs x | latency vs latency-aware |", "|---|---|---|"]
     for t in plans["macs"]["bisection"]:
         lines.append(f"| {t['ratio']:.4f} | {t['macs_fraction']:.3f} | x{t['relative']:.3f} |")
     lines += ["", f"Chosen MAC ratio {plans['macs']['ratio']:.4f} (latency x{plans['macs']['latency_vs_aware']:.3f} "

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -522,3 +523,87 @@ def test_block_value_option_is_validated(cache_dir, monkeypatch):
         plan_for_latency(analysis, "l1", PlanOptions(0.3, "latency", extra={"block_value": "2"}), request)
     planned = plan_for_latency(analysis, "l1", PlanOptions(0.3, "latency", extra={"block_value": "1"}), request)
     assert planned.info["block_value_factor"] == 1.0
+
+
+# ------------------------------------------------------------------ closed loop on a launch-bound target (ResNet-56)
+def launch_bound_pair(calls: list, per_mac_share: float = 0.1, noise: float = 0.03, seed: int = 0):
+    """A fake measure_pair for a launch-bound target: latency = 1 ms of launches + a tiny per-MAC term
+    (`per_mac_share` of the original's time), each model timed with ±`noise` multiplicative jitter."""
+    rng = np.random.default_rng(seed)
+
+    def pair(original, candidate, request, input_shapes=None, warmup=None, runs=None):
+        calls.append(1)
+        full = model_cost(original, input_shapes).macs
+
+        def timed(model):
+            share = per_mac_share * model_cost(model, input_shapes).macs / full
+            return (1.0 + share) * rng.uniform(1 - noise, 1 + noise)
+
+        return check.PairMeasurement(timed(original), timed(candidate), 3)
+
+    return pair
+
+
+def candidate_stub(internal_ms: float, predicted_ms: float, before_ms: float, after_ms: float, kept: float):
+    return planner._Candidate(plan=None, allocation=SimpleNamespace(kept_value=kept), predicted_ms=predicted_ms,
+                              internal_budget_ms=internal_ms, corrected_fraction=predicted_ms,
+                              measured=check.PairMeasurement(before_ms, after_ms, 200))
+
+
+# the three candidates of the committed H200 run (benchmarks/results/latency_aware_r56_ratio025.json), budget 0.75
+R56_FULL_MS, R56_BUDGET_MS = 1.078972, 0.809229
+R56_TRIED = [(0.809229, 0.806076, 1.4107125, 1.109237, 0.913), (0.745802, 0.745291, 1.6007575, 1.2567395, 0.886),
+             (1.078972e-06, 0.375181, 1.6779875, 0.334661, 0.472)]
+
+
+def test_correction_is_damped_when_noisy_measurements_give_a_flat_secant():
+    # candidates 1 and 2 measured 0.786 and 0.785 of the original: the secant through them is nearly flat and the
+    # undamped correction asked for a budget of ~0 ms (25 of 25 blocks removed)
+    tried = [candidate_stub(*row) for row in R56_TRIED[:2]]
+    model = SimpleNamespace(full_ms=R56_FULL_MS)
+    internal = planner._next_allocation_budget(tried, model, 0.75)
+    assert planner.LOOP_STEP * 0.745802 <= internal < 0.745802
+
+
+def test_correction_interpolates_between_bracketing_candidates():
+    model = SimpleNamespace(full_ms=1.0)
+    slow = candidate_stub(0.6, 0.6, 1.0, 0.60, 0.9)  # over a budget of 0.5
+    fast = candidate_stub(0.3, 0.3, 1.0, 0.30, 0.5)  # far under the window
+    internal = planner._next_allocation_budget([slow, fast], model, 0.5)
+    aim = 0.5 * planner.LOOP_AIM
+    assert internal == pytest.approx(0.3 + (aim - 0.3) * 0.3 / 0.3)
+    # contradicting measurements (the faster one had the larger budget) stop the loop
+    assert planner._next_allocation_budget([candidate_stub(0.3, 0.3, 1.0, 0.6, 0.9),
+                                            candidate_stub(0.6, 0.6, 1.0, 0.3, 0.5)], model, 0.5) is None
+
+
+def test_choice_never_keeps_a_candidate_far_under_the_window():
+    request = SimpleNamespace(latency_ms=None)
+    tried = [candidate_stub(*row) for row in R56_TRIED]
+    chosen, note = planner._choose(tried, R56_BUDGET_MS, R56_FULL_MS, request)
+    assert chosen is tried[1] and "closest from above" in note  # 0.785 (+4.7%), not 0.199 (everything removed)
+    # inside the window: the one keeping the most importance, no note
+    inside = [candidate_stub(0.5, 0.5, 1.0, 0.49, 0.7), candidate_stub(0.55, 0.55, 1.0, 0.47, 0.8)]
+    chosen, note = planner._choose([*tried, *inside], R56_BUDGET_MS / 1.5, R56_FULL_MS, request)
+    assert chosen is inside[1] and note is None
+
+
+@pytest.mark.parametrize("ratio, seed", [(0.25, 0), (0.5, 1)])
+def test_closed_loop_on_a_launch_bound_target_stops_without_removing_everything(cache_dir, monkeypatch, ratio, seed):
+    # the latency model believes the MACs matter (compute-bound table); the target is launch-bound: removing MACs
+    # barely helps and the budget is out of reach
+    monkeypatch.setattr(table, "measure_ms", fake_ms(per_layer_ms=0.2, per_gmac_ms=200.0))
+    calls = []
+    monkeypatch.setattr(check, "measure_pair", launch_bound_pair(calls, seed=seed))
+    analysis = analyze(residual_net(width=64, blocks=3))
+    settings = ProfileSettings(**{**vars(FAST), "loop_iterations": 4})
+    request = resolve_request("latency", ratio, "cpu:1", 1, None, None, settings=settings)
+    planned = plan_for_latency(analysis, "l1", PlanOptions(ratio, "latency"), request)
+    loop = planned.info["closed_loop"]
+    assert 1 <= len(loop) == len(calls) <= 4 and [c["chosen"] for c in loop].count(True) == 1
+    budgets = [c["allocation_budget_ms"] for c in loop]
+    for before, after in zip(budgets, budgets[1:]):  # damped: one step shrinks the budget by LOOP_STEP at most
+        assert after >= planner.LOOP_STEP * min(budgets[:budgets.index(before) + 1]) * (1 - 1e-9)
+    macs_after, _ = analysis.cost(planned.plan)
+    assert macs_after > 0.2 * analysis.macs and len(planned.plan.dropped_blocks) < len(analysis.blocks)
+    assert any("no candidate of the closed loop" in n for n in planned.plan.notes)

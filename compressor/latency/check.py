@@ -1,10 +1,13 @@
 """Measure a candidate against the original on the target, side by side with the prediction.
 
 Both models are timed in interleaved rounds (A B A B ...) by compressor.bench.run_benchmark, in this process, with
-the session options of `compress bench` (`measure_pair`). The planner's closed loop (planner.py) measures every
-candidate it tries this way; `check_latency` reports the measurement of the chosen one (or takes it afresh when the
-loop was off). Predictions are compared as fractions of the original's latency measured in the same benchmark,
-which separates a wrong latency model from a machine that got slower or faster since the table was built:
+the session options of `compress bench` (`measure_pair`). The candidate's latency is judged as a *paired ratio*: the
+median over rounds of (candidate's round median / original's round median), so a machine that drifts between rounds
+(launch-bound GPU models at batch 1 move by 30% from one moment to the next) moves both models of a round alike.
+The planner's closed loop (planner.py) measures every candidate it tries this way; `check_latency` reports the
+measurement of the chosen one (or takes it afresh when the loop was off). Predictions are compared as fractions of
+the original's latency measured in the same benchmark, which separates a wrong latency model from a machine that got
+slower or faster since the table was built:
 
     predicted_ms = predicted fraction of the original · original measured now
     predictor_error = (predicted_ms − measured) / measured       flagged above 10%
@@ -18,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import onnx
 
 from compressor.latency.request import LatencyRequest
@@ -26,21 +30,27 @@ if TYPE_CHECKING:
     from compressor.latency.planner import LatencyPlan
 
 ERROR_FLAG = 0.10
-CHECK_WARMUP = {"gpu": 20, "cpu": 3}
-CHECK_RUNS = {"gpu": 200, "cpu": 20}
+CHECK_WARMUP = {"gpu": 50, "cpu": 3}
+CHECK_RUNS = {"gpu": 300, "cpu": 20}
+CHECK_ROUNDS = {"gpu": 10, "cpu": 5}
 
 
 @dataclass(frozen=True)
 class PairMeasurement:
-    """p50 milliseconds of the original and a candidate, timed in the same interleaved benchmark."""
+    """p50 milliseconds of the original and a candidate, timed in the same interleaved benchmark, and the
+    candidate/original ratio of every round (empty when unknown)."""
 
     before_ms: float
     after_ms: float
     runs: int
+    round_ratios: tuple[float, ...] = ()
 
     @property
     def fraction(self) -> float:
-        """Candidate latency as a fraction of the original's."""
+        """Candidate latency as a fraction of the original's: the median of the per-round ratios (paired), else
+        the ratio of the p50s."""
+        if self.round_ratios:
+            return float(np.median(self.round_ratios))
         return self.after_ms / self.before_ms if self.before_ms > 0 else 1.0
 
 
@@ -55,11 +65,12 @@ def measure_pair(original: onnx.ModelProto, candidate: onnx.ModelProto, request:
     runs = request.settings.check_runs if runs is None else runs
     report = run_benchmark([original, candidate], [request.target], [request.batch],
                            warmup=CHECK_WARMUP[kind] if warmup is None else warmup,
-                           runs=CHECK_RUNS[kind] if runs is None else runs, rounds=5, input_shapes=input_shapes,
-                           isolate=False, names=["original", "compressed"], with_cost=False, memory=False,
-                           environment=False)
-    before, after = (m.p50_ms for m in sorted(report.measurements, key=lambda m: m.model_index))
-    return PairMeasurement(before, after, report.measurements[0].runs)
+                           runs=CHECK_RUNS[kind] if runs is None else runs, rounds=CHECK_ROUNDS[kind],
+                           input_shapes=input_shapes, isolate=False, names=["original", "compressed"], with_cost=False,
+                           memory=False, environment=False)
+    before, after = sorted(report.measurements, key=lambda m: m.model_index)
+    ratios = tuple(a / b for a, b in zip(after.round_medians_ms, before.round_medians_ms) if b > 0)
+    return PairMeasurement(before.p50_ms, after.p50_ms, before.runs, ratios)
 
 
 def check_fields(planned: "LatencyPlan", measured: PairMeasurement, predicted_fraction: float) -> dict:
@@ -74,6 +85,7 @@ def check_fields(planned: "LatencyPlan", measured: PairMeasurement, predicted_fr
         "measured_before_ms": before,
         "measured_after_ms": after,
         "measured_speedup": before / after if after > 0 else None,
+        "measured_fraction": measured.fraction,  # paired: the median of the per-round ratios
         "budget_ms": budget,
         "predicted_ms": predicted,
         "predictor_error": error,
@@ -82,7 +94,8 @@ def check_fields(planned: "LatencyPlan", measured: PairMeasurement, predicted_fr
         # kept for reports made before the closed loop: the uncorrected model rescaled to the original's latency now
         "predictor_error_rescaled": (model_fraction * before - after) / after if after > 0 else None,
         "flagged": bool(error is not None and abs(error) > ERROR_FLAG),
-        "budget_met_measured": bool(after <= budget),
+        "budget_met_measured": bool(after <= budget if planned.ratio is None else
+                                    measured.fraction <= 1.0 - planned.ratio + 1e-9),
         "check_runs": measured.runs,
     }
 

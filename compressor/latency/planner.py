@@ -25,6 +25,9 @@ from compressor.plan import Plan, kept_count, plan_from_counts, prunable_groups
 R_MAX = 0.9  # at most 90% of a group's channels go, as in the MAC-targeted allocators
 LOOP_AIM = 0.97  # the closed loop aims a little under the budget (timing noise) ...
 LOOP_ACCEPT = 0.92  # ... and stops at a candidate measuring between this fraction of the budget and the budget
+LOOP_STEP = 0.7  # one correction moves the allocation budget by at most this factor (down) or its inverse (up)
+LOOP_MARGIN = 0.1  # once the budget is bracketed, the next allocation budget stays this share off either end
+LOOP_REACH_STEP = 0.85  # two slow candidates this far apart in budget judge whether the budget is in reach at all
 BLOCK_VALUE_FACTOR = 0.5  # default importance of a dropped residual branch relative to its channels (importance.py)
 
 
@@ -69,10 +72,11 @@ def plan_for_latency(analysis, method: str, options, request: LatencyRequest, pr
     """Plan the compression of `analysis` so that its latency on request.target meets the budget.
 
     Open loop (settings.loop_iterations == 0): the plan whose predicted latency meets the budget. Closed loop (the
-    default): each candidate is built and measured against the original on the target; the budget handed to the
-    allocation is corrected by the measured/predicted relation (a secant through the measured candidates) until a
-    candidate measures within [LOOP_ACCEPT, 1] of the budget, for at most loop_iterations candidates and within
-    the profile budget; the candidate meeting the measured budget with the most importance kept is chosen.
+    default): the budget is a fraction of the original's latency (1 − ratio, or latency_ms over the original as
+    measured beside each candidate), and each candidate is built and measured against the original on the target,
+    side by side (check.measure_pair, a paired ratio). The budget handed to the allocation is corrected, damped and
+    bounded (`_next_allocation_budget`), until a candidate measures within [LOOP_ACCEPT, 1] of the budget, for at
+    most loop_iterations candidates and within the profile budget; `_choose` picks the result.
     """
     check_batch(analysis, request.batch)
     variable = set(prunable_groups(analysis, options))
@@ -116,7 +120,7 @@ def plan_for_latency(analysis, method: str, options, request: LatencyRequest, pr
                               f"measured latency model (measured {model.full_ms:.4g} ms, budget {budget:.4g} ms)")
     remaining = None if request.profile_budget_s is None else request.profile_budget_s - (time.perf_counter() - started)
     tried = _closed_loop(analysis, model, candidate, first, budget, request, remaining, progress)
-    chosen = _choose(tried, budget, model.full_ms, request)
+    chosen, choice_note = _choose(tried, budget, model.full_ms, request)
     plan, allocation, predicted = chosen.plan, chosen.allocation, chosen.predicted_ms
     info = _report_section(request, model, budget, predicted, allocation, method, score_note)
     info["macs_ratio"] = macs_ratio
@@ -126,12 +130,12 @@ def plan_for_latency(analysis, method: str, options, request: LatencyRequest, pr
                       f"{budget:.4g} ms, predicted {predicted:.4g} ms (alignment {model.alignment}, "
                       f"{model.info['measured']} timed, {model.info['cache_hits']} from the cache)")
     if len(tried) > 1 or tried[0].measured is not None:
+        wanted = _wanted(tried, budget, model.full_ms, request)
         plan.notes.append(f"closed loop: {len(tried)} candidate(s) measured on {request.target}, chosen the one at "
-                          f"{chosen.measured.fraction:.3f} of the original's latency (budget {budget / model.full_ms:.3f})"
+                          f"{chosen.measured.fraction:.3f} of the original's latency (budget {wanted:.3f})"
                           if chosen.measured else "closed loop: no measurement")
-        if chosen.measured and chosen.measured.fraction > budget / model.full_ms * (1 + 1e-9):
-            plan.notes.append("the measured latency budget was not met by any candidate of the closed loop; the "
-                              "fastest one is kept")
+        if choice_note:
+            plan.notes.append(choice_note)
     if score_note:
         plan.notes.append(score_note)
     if not allocation.met:
@@ -149,14 +153,16 @@ def plan_for_latency(analysis, method: str, options, request: LatencyRequest, pr
 
 def _closed_loop(analysis, model: LatencyModel, candidate, first: _Candidate, budget: float, request: LatencyRequest,
                  remaining_s: float | None, progress) -> list[_Candidate]:
-    """Measure candidates and correct the allocation's budget until one measures just under the budget."""
+    """Measure candidates and correct the allocation's budget until one measures within the window under the budget.
+
+    Stops at a candidate inside [LOOP_ACCEPT, 1] of the budget, after loop_iterations candidates, when the profile
+    budget would run out, or when the correction has nothing new to try (see _next_allocation_budget)."""
     from compressor.surgery import apply_plan
 
     iterations = request.settings.loop_iterations
     tried = [first]
     if iterations <= 0:
         return tried
-    wanted = budget / model.full_ms  # as a fraction of the original's latency (measured side by side)
     current = first
     while True:
         start = time.perf_counter()
@@ -167,24 +173,86 @@ def _closed_loop(analysis, model: LatencyModel, candidate, first: _Candidate, bu
         current.seconds = time.perf_counter() - start
         if remaining_s is not None:
             remaining_s -= current.seconds
-        if request.latency_ms is not None:
-            wanted = request.latency_ms / current.measured.before_ms
-        fraction = current.measured.fraction
-        if LOOP_ACCEPT * wanted <= fraction <= wanted or len(tried) >= iterations:
+        wanted = _wanted(tried, budget, model.full_ms, request)
+        if LOOP_ACCEPT * wanted <= current.measured.fraction <= wanted or len(tried) >= iterations:
             break
         if remaining_s is not None and remaining_s < current.seconds:
             break
-        to_fraction, to_predicted = _measured_relation(tried, model, wanted * LOOP_AIM)
-        internal = to_predicted(wanted * LOOP_AIM)
-        if internal is None or any(abs(internal - t.internal_budget_ms) <= 1e-9 * budget for t in tried):
+        internal = _next_allocation_budget(tried, model, wanted)
+        if internal is None or any(abs(internal - t.internal_budget_ms) <= 1e-3 * t.internal_budget_ms for t in tried):
             break
         nxt = candidate(internal)
-        nxt.corrected_fraction = to_fraction(nxt.predicted_ms)
+        nxt.corrected_fraction = _measured_relation(tried, model, wanted * LOOP_AIM)[0](nxt.predicted_ms)
         if any(_same_plan(nxt.plan, t.plan) for t in tried):
             break
         tried.append(nxt)
         current = nxt
     return tried
+
+
+def _wanted(tried: list[_Candidate], budget: float, full_ms: float, request: LatencyRequest) -> float:
+    """The budget as a fraction of the original's latency: 1 − ratio for --ratio; for --latency-ms, over the median
+    of the original's latencies measured beside the candidates so far (one moment's timing is too noisy)."""
+    if request.latency_ms is not None:
+        return request.latency_ms / float(np.median([t.measured.before_ms for t in tried if t.measured is not None]))
+    return budget / full_ms
+
+
+def _next_allocation_budget(tried: list[_Candidate], model: LatencyModel, wanted: float) -> float | None:
+    """The allocation budget (latency model ms) of the next candidate, aiming at LOOP_AIM · wanted; None: stop.
+
+    Candidates measuring over the budget ("slow") bound it from above, those under the window ("fast") from below.
+    Bracketed (both): linear interpolation of the measured fraction between the nearest slow and the nearest fast
+    candidate, kept LOOP_MARGIN of the gap off either end. Otherwise the measured/predicted relation
+    (_measured_relation), damped: at most a factor LOOP_STEP below the nearest slow candidate's budget, or 1/LOOP_STEP
+    above the nearest fast one's. A launch-bound target, whose latency barely moves with the MACs, gives nearly equal
+    noisy measurements and a secant near flat, which undamped would send the budget to zero (everything removed).
+    Returns None when the measurements contradict each other (a fast candidate with a larger budget than a slow one)
+    or show the budget out of reach (_out_of_reach).
+    """
+    measured = [t for t in tried if t.measured is not None]
+    aim = wanted * LOOP_AIM
+    slow = [t for t in measured if t.measured.fraction > wanted]
+    fast = [t for t in measured if t.measured.fraction < LOOP_ACCEPT * wanted]
+    upper = min(slow, key=lambda t: t.internal_budget_ms) if slow else None
+    lower = max(fast, key=lambda t: t.internal_budget_ms) if fast else None
+    if upper and lower:
+        hi, lo = upper.internal_budget_ms, lower.internal_budget_ms
+        if lo >= hi:
+            return None
+        m_hi, m_lo = upper.measured.fraction, lower.measured.fraction
+        x = lo + (aim - m_lo) * (hi - lo) / (m_hi - m_lo)
+        return float(np.clip(x, lo + LOOP_MARGIN * (hi - lo), hi - LOOP_MARGIN * (hi - lo)))
+    if not upper and not lower:
+        return None
+    estimate = _measured_relation(tried, model, aim)[1](aim)
+    if upper:
+        hi = upper.internal_budget_ms
+        if _out_of_reach(slow, aim):
+            return None
+        if estimate is None or estimate >= hi:
+            estimate = hi * aim / upper.measured.fraction
+        return max(estimate, LOOP_STEP * hi)
+    lo = lower.internal_budget_ms
+    if estimate is None or estimate <= lo:
+        estimate = lo * aim / max(lower.measured.fraction, 1e-9)
+    return min(estimate, lo / LOOP_STEP, model.full_ms)
+
+
+def _out_of_reach(slow: list[_Candidate], aim: float) -> bool:
+    """True when the two slow candidates with the smallest allocation budgets, at least a factor LOOP_REACH_STEP
+    apart (closer ones differ by little more than timing noise), draw a line that reaches `aim` only at a budget
+    of 0 ms or less: the target does not get faster with what the latency model removes (launch-bound)."""
+    if len(slow) < 2:
+        return False
+    low, high = sorted(slow, key=lambda t: t.internal_budget_ms)[:2]
+    if low.internal_budget_ms > LOOP_REACH_STEP * high.internal_budget_ms:
+        return False
+    gained = high.measured.fraction - low.measured.fraction
+    if gained <= 0:
+        return True
+    slope = gained / (high.internal_budget_ms - low.internal_budget_ms)
+    return low.internal_budget_ms - (low.measured.fraction - aim) / slope <= 0
 
 
 def _measured_relation(tried: list[_Candidate], model: LatencyModel, aim: float):
@@ -218,22 +286,40 @@ def _same_plan(a: Plan, b: Plan) -> bool:
         g: len(v) for g, v in b.removed.items() if len(v)}
 
 
-def _choose(tried: list[_Candidate], budget: float, full_ms: float, request: LatencyRequest) -> _Candidate:
-    """The measured candidate meeting the measured budget with the most importance kept; else the fastest measured
-    one; without measurements, the only candidate."""
+def _choose(tried: list[_Candidate], budget: float, full_ms: float, request: LatencyRequest
+            ) -> tuple[_Candidate, str | None]:
+    """(candidate, note): the measured candidate to keep, and a report note when it is not inside the window.
+
+    1. inside [LOOP_ACCEPT, 1] of the budget: the one keeping the most importance;
+    2. else over the budget by at most the window's width (LOOP_ACCEPT·budget .. budget): the closest from above;
+    3. else the one nearest the window (relative distance), which may miss the budget or remove more than asked.
+    Never the fastest for its own sake: a candidate far under the window removed more than the budget called for.
+    Without measurements, the only candidate."""
     measured = [t for t in tried if t.measured is not None]
     if not measured:
-        return tried[0]
+        return tried[0], None
 
-    def wanted(t: _Candidate) -> float:
-        if request.latency_ms is not None:
-            return request.latency_ms / t.measured.before_ms
-        return budget / full_ms
+    w = _wanted(measured, budget, full_ms, request)
 
-    meeting = [t for t in measured if t.measured.fraction <= wanted(t) * (1 + 1e-9)]
-    if meeting:
-        return max(meeting, key=lambda t: (t.allocation.kept_value, t.measured.fraction))
-    return min(measured, key=lambda t: t.measured.fraction)
+    def fraction(t: _Candidate) -> float:
+        return t.measured.fraction
+
+    inside = [t for t in measured if LOOP_ACCEPT * w <= fraction(t) <= w * (1 + 1e-9)]
+    if inside:
+        return max(inside, key=lambda t: (t.allocation.kept_value, fraction(t))), None
+    near_above = [t for t in measured if w < fraction(t) <= w * (2 - LOOP_ACCEPT)]
+    if near_above:
+        best = min(near_above, key=fraction)
+        return best, (f"no candidate of the closed loop met the measured latency budget ({w:.3f} of the "
+                      f"original's); kept the closest from above at {fraction(best):.3f}")
+
+    def distance(t: _Candidate) -> float:
+        return (fraction(t) - w) / w if fraction(t) > w else (LOOP_ACCEPT * w - fraction(t)) / w
+
+    best = min(measured, key=distance)
+    side = "misses the budget" if fraction(best) > w else "removes more than the budget asked"
+    return best, (f"no candidate of the closed loop measured within {LOOP_ACCEPT:.2f}-1 of the latency budget "
+                  f"({w:.3f} of the original's); kept the nearest, at {fraction(best):.3f}, which {side}")
 
 
 def _loop_report(tried: list[_Candidate], chosen: _Candidate, full_ms: float) -> list[dict]:

@@ -28,10 +28,10 @@ class ProfileSettings:
     calibration_runs: int = 10
     calibration_seconds: float = 1.0
     max_level: int = 3
-    loop_iterations: int = 3  # candidates the closed loop measures at most (0: plan from the latency model alone)
+    loop_iterations: int = 4  # candidates the closed loop measures at most (0: plan from the latency model alone)
     table_share: float = 0.75  # with the loop on, the share of --profile-budget the table may use
-    check_warmup: int | None = None  # the after-surgery check (None: 20 on GPUs, 3 on CPUs)
-    check_runs: int | None = None  # (None: 200 on GPUs, 20 on CPUs)
+    check_warmup: int | None = None  # each side-by-side measurement (None: 50 on GPUs, 3 on CPUs) ...
+    check_runs: int | None = None  # ... (None: 300 on GPUs in 10 rounds, 20 on CPUs in 5; check.py)
 
 
 @dataclass(frozen=True)
