@@ -361,3 +361,25 @@ def test_both_keeps_depth_alone_when_it_is_more_accurate_at_the_ratio():
     assert any("depth alone" in n for n in notes)
     key, _, _ = _fake_search(0.3, 0.05, max_drop=2.5)  # width is cheap: depth + width stays
     assert key[1] > 0
+
+
+def test_depth_stage_drops_a_lambda_that_removes_nothing_and_prefers_less_shrinkage():
+    class Stepwise(FakeTrials):
+        def run(self, lambda_depth, lambda_width, stage):
+            record = super().run(lambda_depth, lambda_width, stage)
+            if lambda_width == 0.0:  # depth removes MACs in steps of 0.2 (whole blocks), shrinkage costs accuracy
+                depth = 0.2 * math.floor(min(0.8, lambda_depth) / 0.2 + 1e-9)
+                record["macs_removed"] = depth
+                record["val_top1"] = 90.0 - 100 * 0.1 * depth - lambda_depth
+            return record
+
+    notes: list[str] = []
+    options = AmscOptions(search=True, ratio=0.6, max_drop=2.5, refine=0, depth_grid=(0.05, 0.1, 0.15, 0.25, 0.3),
+                          width_grid=(0.1, 0.3, 0.5, 0.7))
+    trials = Stepwise(0.1, 0.02)
+    key = _search(trials, amsc_structure(tiny_resnet()), options, 1.0, notes)
+    assert key[0] == pytest.approx(0.25)  # 0.3 removes the same block(s) as 0.25 with more shrinkage
+    trials = Stepwise(0.1, 0.02)
+    options.max_drop = 1.5  # removing a block costs 2 points: nothing is removed within max-drop
+    key = _search(trials, amsc_structure(tiny_resnet()), options, 1.0, notes)
+    assert key[0] == 0.0 and any("removes no block" in n for n in notes)
