@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from compressor.methods import register
-from compressor.plan import Plan, PlanOptions
+from compressor.plan import Plan, PlanOptions, ensure_nonempty_tensors
 
 
 def zero_units(analysis) -> np.ndarray:
@@ -45,8 +45,6 @@ def plan_zeros(analysis, options: PlanOptions) -> Plan:
             plan.removed[group.index] = local
     excluded_blocks = analysis.excluded_blocks(options.exclude)
     plan.dropped_blocks = {b.index for b in analysis.blocks if b.zero and b.index not in excluded_blocks}
-    from compressor.plan import ensure_nonempty_tensors
-
     keep_one = ensure_nonempty_tensors(analysis, plan, {g.index: np.zeros(g.size) for g in analysis.groups})
     if any(len(keep_one.removed.get(g, [])) != len(plan.removed.get(g, [])) for g in plan.removed):
         plan.notes.append("kept one all-zero channel in tensors that would otherwise have none")
