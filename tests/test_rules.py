@@ -24,6 +24,13 @@ def compress_ok(model, ratio=0.3, **kwargs):
     return result
 
 
+def conv_with_group(model, accept):
+    """The first Conv whose `group` attribute satisfies `accept`, with its weight's dims."""
+    node = next(n for n in model.graph.node if n.op_type == "Conv" and any(a.name == "group" and accept(a.i) for a in n.attribute))
+    weight = next(t for t in model.graph.initializer if t.name == node.input[1])
+    return next(a.i for a in node.attribute if a.name == "group"), list(weight.dims)
+
+
 def prunable_by_producer(model) -> dict[str, int]:
     analysis = analyze(model)
     return {p: int(g.prunable.sum()) for g in analysis.groups for p in g.producers}
@@ -46,11 +53,8 @@ def test_depthwise_conv_follows_channels_and_rewrites_group():
     x = b.op("Relu", [b.conv(x, 12, 12, group=12)])
     model = b.model(head(b, b.conv(x, 12, 8, k=1), 8))
     result = compress_ok(model, ratio=0.4)
-    dw = next(n for n in result.model.graph.node if n.op_type == "Conv" and n.attribute and
-              any(a.name == "group" and a.i > 1 for a in n.attribute))
-    group = next(a.i for a in dw.attribute if a.name == "group")
-    weight = next(t for t in result.model.graph.initializer if t.name == dw.input[1])
-    assert weight.dims[0] == group < 12
+    group, dims = conv_with_group(result.model, lambda g: g > 1)
+    assert dims[0] == group < 12
 
 
 def test_grouped_conv_removes_the_same_channel_of_every_group():
@@ -59,9 +63,8 @@ def test_grouped_conv_removes_the_same_channel_of_every_group():
     x = b.op("Relu", [b.conv(x, 16, 16, group=4)])
     model = b.model(head(b, b.conv(x, 16, 8, k=1), 8))
     result = compress_ok(model, ratio=0.4)
-    grouped = next(n for n in result.model.graph.node if n.op_type == "Conv" and any(a.name == "group" and a.i == 4 for a in n.attribute))
-    w = next(t for t in result.model.graph.initializer if t.name == grouped.input[1])
-    assert w.dims[0] % 4 == 0 and w.dims[0] < 16
+    _, dims = conv_with_group(result.model, lambda g: g == 4)
+    assert dims[0] % 4 == 0 and dims[0] < 16
 
 
 def test_residual_add_couples_both_sides_and_is_a_block():
