@@ -165,6 +165,7 @@ class Analysis:
             name: int(v.size) for name, v in self.view.constants.items() if is_param(v) and name in self._used_inits()
         }
         self.params_total = sum(self._param_sizes.values())
+        self._live_inits_cache: dict[frozenset[str], set[str]] = {}
 
     # --- tracing -------------------------------------------------------------------------------------------------
     def _trace(self, t: Tracer) -> None:
@@ -281,7 +282,7 @@ class Analysis:
                 if units is not None and len(units):
                     value *= np.count_nonzero(~removed[units]) / len(units)
             macs += value
-        live_inits = {name for node in self.view.nodes if node.name not in dropped for name in node.input}
+        live_inits = self._live_inits(frozenset(dropped))
         fractions: dict[str, float] = {}
         seen: set[tuple[str, int]] = set()
         for p in self.params:
@@ -291,6 +292,12 @@ class Analysis:
             fractions[p.init] = fractions.get(p.init, 1.0) * np.count_nonzero(~removed[p.units]) / len(p.units)
         params = sum(size * fractions.get(name, 1.0) for name, size in self._param_sizes.items() if name in live_inits)
         return int(round(macs)), int(round(params))
+
+    def _live_inits(self, dropped: frozenset[str]) -> set[str]:
+        """Names read by nodes outside `dropped` (cached: the rate bisection asks for the same set many times)."""
+        if dropped not in self._live_inits_cache:
+            self._live_inits_cache[dropped] = {n for node in self.view.nodes if node.name not in dropped for n in node.input}
+        return self._live_inits_cache[dropped]
 
     def pruned_parameters(self, plan) -> dict[str, dict[int, np.ndarray]]:
         """Initializer name → axis → indices the plan removes (dropped blocks: every axis of their weights)."""
