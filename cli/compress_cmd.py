@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -55,8 +56,26 @@ def print_summary(report: dict, output: Path) -> None:
                    f"predicted {latency['predicted_ms']:.4g} ms, measured {latency['measured_before_ms']:.4g} -> "
                    f"{latency['measured_after_ms']:.4g} ms (x{latency['measured_speedup']:.2f}), predictor error "
                    f"{latency['predictor_error']:+.1%}{'  [over 10%]' if latency['flagged'] else ''}")
+    calibration = report.get("calibration")
+    if calibration:
+        print_calibration(calibration)
     for note in report["notes"]:
         typer.echo(f"  note: {note}")
+
+
+def print_calibration(calibration: dict) -> None:
+    """Summary lines of the report's calibration section."""
+    line = f"  calibration: {calibration['fit_samples']} samples fitted, {calibration['held_out_samples']} held out"
+    if calibration.get("reconstructed"):
+        line += f"; {calibration['layers_refitted']}/{len(calibration['layers'])} layers refitted"
+    typer.echo(line)
+    held = calibration.get("held_out")
+    if held:
+        for key in ("pruned", "reconstructed"):
+            if key in held:
+                top1 = held[key]["top1_agreement"]
+                agree = f"top-1 agreement {top1:.1%}, " if top1 is not None else ""
+                typer.echo(f"    {key:<13} vs original on held-out: {agree}relative output error {held[key]['relative_error']:.3g}")
 
 
 @app.command(epilog=_usage_epilog())
@@ -84,6 +103,14 @@ def compress(
     bench: list[str] = typer.Option([], "--bench", help="After compressing, measure original vs result on TARGET (cuda, cpu:T; repeatable)."),
     bench_batch: int = typer.Option(1, "--bench-batch", help="Batch size for --bench."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no summary."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration data: an image folder (recursive), a .npy array (single input) or a .npz (one array per input name)."),
+    calib_size: Optional[str] = typer.Option(None, "--calib-size", help="Images: resize and center-crop to N or HEIGHTxWIDTH (default: the model's input size)."),
+    calib_mean: Optional[str] = typer.Option(None, "--calib-mean", help="Images: per-channel mean of pixels in [0, 1] (default ImageNet 0.485,0.456,0.406)."),
+    calib_std: Optional[str] = typer.Option(None, "--calib-std", help="Images: per-channel std (default ImageNet 0.229,0.224,0.225)."),
+    calib_order: str = typer.Option("rgb", "--calib-order", help="Images: channel order, rgb or bgr."),
+    calib_layout: str = typer.Option("nchw", "--calib-layout", help="Images: input layout, nchw or nhwc."),
+    calib_count: int = typer.Option(1024, "--calib-count", help="Use a seeded random subset of this many samples (--seed)."),
+    reconstruct: Optional[bool] = typer.Option(None, "--reconstruct/--no-reconstruct", help="Refit the layers consuming removed channels on the calibration data (default: on with --calib)."),
 ) -> None:
     """Remove whole filters and residual blocks from MODEL and write a verified, smaller ONNX model."""
     from compressor.api import compress as run_compress
@@ -104,12 +131,20 @@ def compress(
         if value is not None:
             options[key] = value
     shapes = parse_input_shapes(input_shape)
+    calib_options = None
+    if calib is not None:
+        from cli.calib_options import calibration_options
+
+        calib_options = calibration_options(calib_size, calib_mean, calib_std, calib_order, calib_layout, calib_count, seed)
+    elif reconstruct:
+        fail("--reconstruct needs calibration data (--calib)")
     progress = _Progress(quiet)
     try:
         result = run_compress(model, method=method, ratio=ratio, target=target, round_to=round_to,
                               min_channels=min_channels, exclude=tuple(exclude), seed=seed, input_shapes=shapes,
                               verify=not no_verify, method_options=options, progress=progress.update, device=device,
-                              batch=batch, latency_ms=latency_ms, profile_budget=profile_budget)
+                              batch=batch, latency_ms=latency_ms, profile_budget=profile_budget, calib=calib,
+                              calib_options=calib_options, reconstruct=reconstruct)
     finally:
         progress.stop()
     result.save(output)
@@ -148,8 +183,18 @@ class _Progress:
 
     def update(self, stage: str) -> None:
         if self._status is not None:
-            self._status.update(f"{stage}...")
+            self._status.update(_with_bar(stage))
 
     def stop(self) -> None:
         if self._status is not None:
             self._status.stop()
+
+
+def _with_bar(stage: str) -> str:
+    """`reconstruct: level 3/10 (...)` → the message with a text progress bar in front of the count."""
+    match = re.search(r"(\d+)/(\d+)", stage)
+    if not match or int(match.group(2)) == 0:
+        return f"{stage}..."
+    done, total = int(match.group(1)), int(match.group(2))
+    filled = round(20 * done / total)
+    return f"{stage[:match.start()]}[{'#' * filled}{'.' * (20 - filled)}] {stage[match.start():]}"

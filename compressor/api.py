@@ -15,6 +15,8 @@ import onnx
 
 from compressor import methods
 from compressor.analysis import Analysis, analyze
+from compressor.calibration.pipeline import calibration_report, open_calibration, reference_with_refits, split_held_out
+from compressor.calibration.reconstruct import reconstruct as refit_layers
 from compressor.cost import ModelCost, view_cost
 from compressor.errors import CompressorError, VerificationError
 from compressor.graph import GraphView
@@ -106,7 +108,8 @@ def compress(model, method: str = "l1", ratio: float | None = 0.5, *, target: st
              min_channels: int = 1, exclude=(), seed: int = 0, input_shapes: dict[str, list[int]] | None = None,
              verify: bool = True, method_options: dict | None = None, progress: Progress | None = None,
              device: str | None = None, batch: int | None = None, latency_ms: float | None = None,
-             profile_budget: float | None = None) -> CompressResult:
+             profile_budget: float | None = None, calib=None, calib_options=None,
+             reconstruct: bool | None = None) -> CompressResult:
     """Compress `model` (a path or an onnx.ModelProto) with a registered method.
 
     ratio is the fraction of `target` (macs or params) to remove; `zeros` ignores it. Raises CompressorError on
@@ -114,6 +117,9 @@ def compress(model, method: str = "l1", ratio: float | None = 0.5, *, target: st
     target="latency" removes `ratio` of the latency measured on `device` (cuda[:N] or cpu:T) at `batch`, or meets
     `latency_ms` (which wins over ratio); `profile_budget` bounds the profiling seconds. The method supplies the
     importance, compressor.latency the cost; the report's "latency" section holds predicted vs measured latency.
+    calib (an image folder, .npy or .npz path, or a CalibrationSet) with `calib_options` (CalibrationOptions) gives
+    calibration data; `reconstruct` (default: on with calib) refits the layers consuming removed channels, and the
+    report's "calibration" section holds per-layer errors and the held-out agreement with the original.
     """
     start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -124,9 +130,16 @@ def compress(model, method: str = "l1", ratio: float | None = 0.5, *, target: st
         options.validate(needs_ratio=method != "zeros")
     else:
         replace(options, target="macs").validate(needs_ratio=latency.latency_ms is None)
+    if reconstruct and calib is None:
+        raise CompressorError("--reconstruct needs calibration data (--calib)")
     with _stage(timings, "analyze", progress):
         analysis = analyze(model, input_shapes)
     original_bytes = analysis.proto.ByteSize()
+    calib_set = calib_fit = calib_held = None
+    if calib is not None:
+        with _stage(timings, "calibration data", progress):
+            calib_set = open_calibration(calib, analysis, calib_options)
+            calib_fit, calib_held = split_held_out(calib_set)
     with _stage(timings, "plan", progress):
         planned = None if latency is None else plan_for_latency(analysis, method, options, latency, progress)
         plan = plan_fn(analysis, options) if planned is None else planned.plan
@@ -134,10 +147,17 @@ def compress(model, method: str = "l1", ratio: float | None = 0.5, *, target: st
         raise CompressorError("nothing prunable: the plan removes no channel and no block")
     with _stage(timings, "surgery", progress):
         result = apply_plan(analysis, plan)
+    pruned, reconstruction = result, None
+    if calib_set is not None and reconstruct is not False:
+        with _stage(timings, "reconstruct", progress):
+            reconstruction = refit_layers(analysis, plan, pruned, calib_fit, progress)
+            result = reconstruction.model
     verification = None
     if verify:
         with _stage(timings, "verify", progress):
-            reference = None if method == "zeros" else zeroed_reference(analysis, plan)
+            exact = method == "zeros" and not (reconstruction and reconstruction.refits)
+            reference = None if exact else reference_with_refits(zeroed_reference(analysis, plan), analysis, plan,
+                                                                 reconstruction)
             verification = _run_verification(analysis, reference, result)
     else:
         with _stage(timings, "check", progress):
@@ -145,6 +165,10 @@ def compress(model, method: str = "l1", ratio: float | None = 0.5, *, target: st
     with _stage(timings, "report", progress):
         after = _cost_of(result, analysis.input_shapes)
         report = build_report(analysis, plan, options, method, after, original_bytes, result.ByteSize(), verification)
+    if calib_set is not None:
+        with _stage(timings, "calibration report", progress):
+            report["calibration"] = calibration_report(calib_set, calib_fit, calib_held, calib, analysis.proto, pruned,
+                                                       reconstruction)
     if planned is not None:
         with _stage(timings, "latency check", progress):
             report["latency"] = {**planned.info, **check_latency(analysis.proto, result, planned, latency,

@@ -7,8 +7,8 @@ import onnx
 from compressor.errors import CompressorError
 
 
-def cpu_session(proto: onnx.ModelProto, threads: int = 0):
-    """An ONNX Runtime CPU session for an in-memory model."""
+def cpu_session(proto: onnx.ModelProto, threads: int = 0, spinning: bool = True):
+    """An ONNX Runtime CPU session for an in-memory model (spinning=False: idle threads sleep, for busy machines)."""
     try:
         import onnxruntime as ort
     except ImportError as exc:
@@ -20,6 +20,8 @@ def cpu_session(proto: onnx.ModelProto, threads: int = 0):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     if threads:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types

@@ -75,7 +75,7 @@ class TapSession:
         graph_inputs = {i.name for i in proto.graph.input}
         self.computed = [n for n in self.names if n not in graph_inputs]
         self.fixed_batch = declared_batch(proto)
-        self.session = cpu_session(prefix_model(proto, self.computed)) if self.computed else None
+        self.session = cpu_session(prefix_model(proto, self.computed), spinning=False) if self.computed else None
         self.feed_names = {i.name for i in self.session.get_inputs()} if self.session else set()
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
