@@ -102,6 +102,17 @@ class CalibrationSet:
         return CalibrationSet(self.arrays, self.images, self.indices[np.asarray(indices, dtype=np.int64)],
                               self.input_name, self.image_shape, self.options)
 
+    def check_inputs(self, proto: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> None:
+        """Raise CompressorError unless the set feeds every model input with samples of the right shape and type."""
+        inputs = {i.name: i for i in proto.graph.input}
+        missing = sorted(set(inputs) - set(self.names))
+        if missing:
+            raise CompressorError(f"calibration data has no samples for input(s) {', '.join(missing)} "
+                                  f"(it holds: {', '.join(self.names)})")
+        for name, array in (self.arrays or {}).items():
+            if name in inputs:
+                _check_array(array, name, inputs[name], input_shapes)
+
     def split(self, n_held_out: int) -> tuple["CalibrationSet", "CalibrationSet"]:
         """(fit set, held-out set): the last `n_held_out` samples are held out (at least one stays for fitting)."""
         n_held_out = int(min(max(n_held_out, 0), self.count - 1))

@@ -18,6 +18,7 @@ MAX_HELD_OUT = 256  # ...at most this many
 def open_calibration(calib, analysis, options: CalibrationOptions | None = None) -> CalibrationSet:
     """A CalibrationSet for the analyzed model from a path (image folder, .npy, .npz) or a ready CalibrationSet."""
     if isinstance(calib, CalibrationSet):
+        calib.check_inputs(analysis.proto, analysis.input_shapes)
         return calib
     if not isinstance(calib, (str, os.PathLike)):
         raise TypeError("calib must be a path or a CalibrationSet")

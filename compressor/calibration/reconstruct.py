@@ -143,12 +143,16 @@ def reconstruct(analysis, plan, pruned: onnx.ModelProto, calib: CalibrationSet, 
             states = [_LayerState(r, model, targets_of[r.layer.node][0], calib.count) for r in batch]
             rng = np.random.default_rng(seed + k)
             first = 0
-            for pruned_values, original_values in zip(pruned_runner.run_pass(k, model),
-                                                      original_runner.run_pass(k, analysis.proto)):
+            original_batches = original_runner.run_pass(k, analysis.proto)
+            for pruned_values in pruned_runner.run_pass(k, model):
+                original_values = next(original_batches)
                 for state in states:
                     layer = state.record.layer
-                    state.gather(pruned_values[layer.data], original_values[targets_of[layer.node][1]], first, rng)
-                first += len(next(iter(pruned_values.values())))
+                    x = pruned_values[layer.data]
+                    state.gather(x, original_values[targets_of[layer.node][1]], first, rng)
+                first += len(x)
+            for _ in original_batches:  # runs the pass to its end, where the next pass's cache is completed
+                pass
             for state in states:
                 state.finish()
                 if state.record.refit:
