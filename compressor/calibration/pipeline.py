@@ -55,6 +55,7 @@ def calibration_report(calib: CalibrationSet, fit: CalibrationSet, held: Calibra
     if reconstruction is not None:
         report["layers"] = [r.to_dict() for r in reconstruction.layers]
         report["layers_refitted"] = len(reconstruction.refits)
+        report["refit_samples"] = reconstruction.samples
     if held is not None:
         models = {"pruned": pruned}
         if reconstruction is not None:

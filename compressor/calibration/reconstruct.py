@@ -28,6 +28,9 @@ from compressor.runtime import cpu_session
 Progress = Callable[[str], None]
 MAX_ROWS = 65536
 MIN_ROWS = 16384
+GRAM_WORK = 2 ** 34  # rows · D² multiply-adds per layer before the row budget shrinks (never below 2·D rows)
+CACHE_BUDGET = 2 ** 30  # bytes of cut activations (both models): wider models refit on fewer samples
+MIN_SAMPLES = 64
 EXACT = 1e-4  # a layer whose output already matches the original this closely is left alone
 CHECK_TOLERANCE = 1e-3  # the regression form must reproduce the layer's own output this closely
 CHECK_FOLD_EVERY = 5
@@ -77,8 +80,20 @@ def _round(value: float | None) -> float | None:
 
 
 def row_budget(features_per_group: int) -> int:
-    """Sampled rows per layer: 32 per feature, at least MIN_ROWS and at most MAX_ROWS."""
-    return int(min(MAX_ROWS, max(MIN_ROWS, 32 * features_per_group)))
+    """Sampled rows per layer: 32 per feature, at least MIN_ROWS and at most MAX_ROWS, fewer (down to 2 per
+    feature) where rows · D² would pass GRAM_WORK."""
+    d = max(features_per_group, 1)
+    rows = min(MAX_ROWS, max(MIN_ROWS, 32 * d))
+    return int(max(2 * d, min(rows, GRAM_WORK // (d * d))))
+
+
+def reconstruction_samples(analysis, count: int) -> int:
+    """How many calibration samples the refit uses: all of them unless the cached cut activations would pass
+    CACHE_BUDGET (estimated as four of the model's largest activations per sample: two models, a skip and a branch)."""
+    sizes = [int(np.prod(shape[1:], dtype=np.int64)) for name, shape in analysis.view.shapes.items()
+             if name not in analysis.view.constants and len(shape) > 1]
+    per_sample = 4 * 4 * max(sizes, default=1)
+    return int(min(count, max(MIN_SAMPLES, CACHE_BUDGET // max(per_sample, 1))))
 
 
 def candidate_layers(analysis, plan, pruned: onnx.ModelProto) -> list[tuple[LinearLayer, np.ndarray, str]]:
@@ -126,6 +141,9 @@ def reconstruct(analysis, plan, pruned: onnx.ModelProto, calib: CalibrationSet, 
     """Refit the layers of `pruned` that consume removed channels; returns a new model and the per-layer record."""
     model = onnx.ModelProto()
     model.CopyFrom(pruned)
+    samples = reconstruction_samples(analysis, calib.count)
+    if samples < calib.count:
+        calib = calib.subset(np.sort(np.random.default_rng(seed).choice(calib.count, samples, replace=False)))
     found = candidate_layers(analysis, plan, model)
     level_of = levels(model, [f[0] for f in found])
     records = [LayerRefit(layer, level, np.nonzero(keep)[0], len(keep)) for (layer, keep, _), level in zip(found, level_of)]
