@@ -24,9 +24,17 @@ branch goes than a plain one losing a layer (residual networks behave like ensem
 dropped branch loses ρ of its channels' value, not all of it. With ρ = 1 and the diminishing returns above, a block
 is only ever dropped where its layers' time does not shrink with their widths (launch-bound targets); with ρ = 0.5
 dropping competes with narrowing on compute-bound targets (CPUs) as well, cheapest importance per ms first.
+
+Measured importance (with calibration data, `MeasuredImportance`): the value of a group at a width is minus the
+measured output damage of thinning it to that width (compressor/calibration/sensitivity.py), plus a constant C; a
+block's value factor is its measured damage over Σ C of its internal groups, so dropping it costs exactly its
+measured damage in the same currency, whatever the widths its groups had.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -92,3 +100,29 @@ def kept_value(values: np.ndarray, prunable: np.ndarray, widths) -> np.ndarray:
     blocked_total = float((values[~prunable] * 2.0 * (1.0 - (np.arange(n_blocked) + 0.5) / max(n, 1))).sum())
     take = np.clip(np.asarray(widths, dtype=np.int64) - n_blocked, 0, len(ranked))
     return blocked_total + prefix[take]
+
+
+@dataclass
+class MeasuredImportance:
+    """Importance measured on calibration data: unit scores (ranking inside a group), the damage of each group at a
+    removed-unit count, and the damage of dropping each block."""
+
+    scores: dict[int, np.ndarray]
+    group_damage: Callable[[int, np.ndarray], np.ndarray]
+    block_damage: dict[int, float] = field(default_factory=dict)
+
+    def ceiling(self) -> float:
+        """A constant C above every measured damage (every value stays positive, every block factor ≤ 1)."""
+        damages = [float(np.max(self.group_damage(g, np.array([len(s)])))) for g, s in self.scores.items()]
+        return 1.0 + max(damages + list(self.block_damage.values()) + [0.0])
+
+    def values(self, g: int, size: int, widths) -> np.ndarray:
+        """Value kept at each width: C minus the measured damage of removing size − width units."""
+        widths = np.asarray(widths, dtype=np.int64)
+        return self.ceiling() - np.asarray(self.group_damage(g, size - widths), dtype=np.float64)
+
+    def block_factor(self, block: int, internal: tuple[int, ...], default: float) -> float:
+        """Share of its internal groups' full value (C each) that dropping `block` loses: its measured damage."""
+        if block not in self.block_damage or not internal:
+            return default
+        return float(np.clip(self.block_damage[block] / (self.ceiling() * len(internal)), 0.0, 1.0))

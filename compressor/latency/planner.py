@@ -16,7 +16,7 @@ import numpy as np
 from compressor.errors import CompressorError
 from compressor.latency import check
 from compressor.latency.allocate import BlockChoice, GroupChoice, ItemCost, allocate_latency
-from compressor.latency.importance import kept_value, method_scores, unit_values
+from compressor.latency.importance import MeasuredImportance, kept_value, method_scores, unit_values
 from compressor.latency.check import PairMeasurement
 from compressor.latency.request import LatencyRequest
 from compressor.latency.table import LatencyModel, build_latency_model
@@ -68,7 +68,8 @@ class _Candidate:
     seconds: float = 0.0
 
 
-def plan_for_latency(analysis, method: str, options, request: LatencyRequest, progress=None) -> LatencyPlan:
+def plan_for_latency(analysis, method: str, options, request: LatencyRequest, progress=None,
+                     measured: MeasuredImportance | None = None) -> LatencyPlan:
     """Plan the compression of `analysis` so that its latency on request.target meets the budget.
 
     Open loop (settings.loop_iterations == 0): the plan whose predicted latency meets the budget. Closed loop (the
@@ -76,7 +77,8 @@ def plan_for_latency(analysis, method: str, options, request: LatencyRequest, pr
     measured beside each candidate), and each candidate is built and measured against the original on the target,
     side by side (check.measure_pair, a paired ratio). The budget handed to the allocation is corrected, damped and
     bounded (`_next_allocation_budget`), until a candidate measures within [LOOP_ACCEPT, 1] of the budget, for at
-    most loop_iterations candidates and within the profile budget; `_choose` picks the result.
+    most loop_iterations candidates and within the profile budget; `_choose` picks the result (`measured`: see
+    importance.MeasuredImportance).
     """
     check_batch(analysis, request.batch)
     variable = set(prunable_groups(analysis, options))
@@ -86,6 +88,7 @@ def plan_for_latency(analysis, method: str, options, request: LatencyRequest, pr
     macs_ratio = _macs_ratio(options.extra)
     block_factor = _block_value_factor(options.extra)
     scores, score_note = method_scores(method, analysis, options, sorted(variable))
+    scores = {g: measured.scores.get(g, s) for g, s in scores.items()} if measured else scores
     floors = {g: _floor(analysis.groups[g], options.min_channels) for g in variable}
     started = time.perf_counter()
     model = build_latency_model(analysis, floors, droppable, request, options.round_to, progress)
@@ -93,7 +96,7 @@ def plan_for_latency(analysis, method: str, options, request: LatencyRequest, pr
     if budget >= model.full_ms:
         raise CompressorError(f"the model already meets the latency budget on {request.target} at batch {request.batch}: "
                               f"measured {model.full_ms:.4g} ms <= {budget:.4g} ms")
-    groups = _group_choices(analysis, floors, scores, model.alignment)
+    groups = _group_choices(analysis, floors, scores, model.alignment, measured)
     candidates = {g: c.widths for g, c in groups.items()}
     items = [ItemCost(t.item.dims, t.item.blocks, t.dense([candidates[d] for d in t.item.dims]),
                       item_macs(analysis, t.item, [candidates[d] for d in t.item.dims])) for t in model.tables]
@@ -101,7 +104,8 @@ def plan_for_latency(analysis, method: str, options, request: LatencyRequest, pr
     if macs_ratio is not None:
         other_macs = analysis.macs - sum(float(i.macs[tuple(-1 for _ in i.dims)]) for i in items)
         macs_budget = (1.0 - macs_ratio) * analysis.macs - other_macs
-    blocks = {b: BlockChoice(b, _internal_groups(analysis, b, model, variable), block_factor) for b in sorted(droppable)}
+    blocks = {b: BlockChoice(b, i, measured.block_factor(b, i, block_factor) if measured else block_factor)
+              for b, i in ((b, _internal_groups(analysis, b, model, variable)) for b in sorted(droppable))}
 
     def candidate(internal_ms: float, corrected_fraction: float | None = None) -> _Candidate:
         allocation = allocate_latency(groups, items, blocks, (internal_ms - model.offset_ms) / model.scale, macs_budget)
@@ -403,14 +407,14 @@ def _floor(group, min_channels: int) -> int:
     return max(kept_count(group.size, R_MAX, min_channels, 1), int((~group.prunable).sum()), 1)
 
 
-def _group_choices(analysis, floors: dict[int, int], scores: dict[int, np.ndarray], alignment: int
-                   ) -> dict[int, GroupChoice]:
-    """Candidate widths per group (multiples of the alignment from the floor up, and the full width)."""
+def _group_choices(analysis, floors: dict[int, int], scores: dict[int, np.ndarray], alignment: int,
+                   measured: MeasuredImportance | None = None) -> dict[int, GroupChoice]:
+    """Candidate widths per group (multiples of the alignment from the floor up, and the full width) and values."""
     choices = {}
     for g in sorted(floors):
         group = analysis.groups[g]
         widths = np.array([w for w in range(alignment, group.size, alignment) if w >= floors[g]] + [group.size])
-        values = kept_value(unit_values(scores[g]), group.prunable, widths)
+        values = measured.values(g, group.size, widths) if measured else kept_value(unit_values(scores[g]), group.prunable, widths)
         choices[g] = GroupChoice(g, widths, values)
     return choices
 
