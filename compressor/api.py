@@ -15,6 +15,7 @@ import onnx
 
 from compressor import methods
 from compressor.analysis import Analysis, analyze
+from compressor.calibration.planning import calibrated_plan, measured_importance
 from compressor.calibration.pipeline import calibration_report, open_calibration, reference_with_refits, split_held_out
 from compressor.calibration.reconstruct import reconstruct as refit_layers
 from compressor.cost import ModelCost, view_cost
@@ -141,8 +142,14 @@ def compress(model, method: str = "l1", ratio: float | None = 0.5, *, target: st
             calib_set = open_calibration(calib, analysis, calib_options)
             calib_fit, calib_held = split_held_out(calib_set)
     with _stage(timings, "plan", progress):
-        planned = None if latency is None else plan_for_latency(analysis, method, options, latency, progress)
-        plan = plan_fn(analysis, options) if planned is None else planned.plan
+        calibrated = calib_fit is not None and method != "zeros"
+        measured = measured_importance(analysis, method, options, calib_fit, reconstruct is not False, progress) \
+            if calibrated and latency is not None else None
+        planned = None if latency is None else plan_for_latency(analysis, method, options, latency, progress, measured)
+        if planned is None and calibrated:
+            plan = calibrated_plan(analysis, method, options, calib_fit, reconstruct is not False, progress)
+        else:
+            plan = plan_fn(analysis, options) if planned is None else planned.plan
     if plan.is_empty() and method != "zeros":
         raise CompressorError("nothing prunable: the plan removes no channel and no block")
     with _stage(timings, "surgery", progress):
