@@ -27,6 +27,7 @@ from tests.zeroing import zero_structures
 
 REPO = Path(__file__).resolve().parents[1]
 RESNET20 = REPO / "examples" / "resnet20-cifar10.onnx"
+METHOD_PLAN = {"calib_importance": "off", "calib_allocation": "method"}  # the method's own plan, data or not
 NOT_FAILURES = ("", "already matches the original", "the refit does not lower the held-out error")
 
 
@@ -132,7 +133,8 @@ def test_matmul_without_bias_gets_one(tmp_path):
 def test_no_reconstruct_keeps_the_surgery_result():
     model = dense_model(GraphBuilder(shape=(1, 4, 8, 8)))
     plain = compressor.compress(model, method="l1", ratio=0.5)
-    result = compressor.compress(model, method="l1", ratio=0.5, calib=random_calib([1, 4, 8, 8]), reconstruct=False)
+    result = compressor.compress(model, method="l1", ratio=0.5, calib=random_calib([1, 4, 8, 8]), reconstruct=False,
+                                 method_options=METHOD_PLAN)
     assert result.report["calibration"]["reconstructed"] is False
     assert result.model.SerializeToString() == plain.model.SerializeToString()
     assert "reconstructed" not in result.report["calibration"]["held_out"]

@@ -98,8 +98,13 @@ def reconstruction_samples(analysis, count: int) -> int:
 
 def candidate_layers(analysis, plan, pruned: onnx.ModelProto) -> list[tuple[LinearLayer, np.ndarray, str]]:
     """(layer, kept output mask in original coordinates, original output name) for every linear layer of the pruned
-    model whose input has channels the plan removed, in topological order."""
+    model that consumes removed channels or reads the skip input of a dropped block, in topological order.
+
+    (Refitting every layer downstream of a change as well was measured worse on CIFAR ResNet-56: 78.8% / 66.0% top-1
+    at 30% / 50% fewer MACs against 79.0% / 68.1%.)"""
     removed = analysis.removed_mask(plan)
+    chosen = {p.node for p in analysis.params if p.role == "in" and removed[p.units].any()}
+    chosen |= rewired_nodes(analysis, pruned)
     consumers: dict[str, int] = {}
     for node in pruned.graph.node:
         for name in node.input:
@@ -110,8 +115,7 @@ def candidate_layers(analysis, plan, pruned: onnx.ModelProto) -> list[tuple[Line
         original = analysis.view.by_name.get(node.name)
         if layer is None or original is None:
             continue
-        cmap = analysis.cmaps.get(layer.data)
-        if cmap is None or not removed[cmap.units].any():
+        if node.name not in chosen:
             continue
         if consumers.get(layer.weight, 0) > 1 or (layer.bias and consumers.get(layer.bias, 0) > 1):
             continue
@@ -119,6 +123,18 @@ def candidate_layers(analysis, plan, pruned: onnx.ModelProto) -> list[tuple[Line
         keep = np.ones(0, dtype=bool) if out_map is None else ~removed[out_map.units]
         found.append((layer, keep, original.output[0]))
     return found
+
+
+def rewired_nodes(analysis, pruned: onnx.ModelProto) -> set[str]:
+    """Nodes of the pruned model whose activation inputs differ from the original's (dropped blocks bypassed)."""
+    constants = set(analysis.view.constants) | {t.name for t in pruned.graph.initializer}
+    rewired = set()
+    for node in pruned.graph.node:
+        original = analysis.view.by_name.get(node.name)
+        activations = [i for i in node.input if i and i not in constants]
+        if original is not None and activations != [i for i in original.input if i and i not in constants]:
+            rewired.add(node.name)
+    return rewired
 
 
 def levels(pruned: onnx.ModelProto, layers: list[LinearLayer]) -> list[int]:
