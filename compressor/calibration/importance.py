@@ -177,11 +177,7 @@ def _obs_greedy(group_units, removable, consumers, energy, read) -> np.ndarray:
     while remaining:
         cost = np.zeros(len(remaining))
         for s in states:
-            for j, i in enumerate(remaining):
-                b = s["blocks"][i]
-                if len(b):
-                    w = s["w"][:, b]
-                    cost[j] += float(np.einsum("oi,oi->", w @ np.linalg.inv(s["hinv"][np.ix_(b, b)]), w))
+            cost += _removal_costs(s, remaining)
         pick = remaining.pop(int(np.argmin(cost)))
         order.append(pick)
         costs.append(float(cost.min()))
@@ -201,6 +197,22 @@ def _obs_greedy(group_units, removable, consumers, energy, read) -> np.ndarray:
     scores[kept] = 2.0 * top + energy[kept] + 1e-30  # never removed by the greedy: above every removed unit
     scores[order] = monotone
     return scores
+
+
+def _removal_costs(state: dict, candidates: list[int]) -> np.ndarray:
+    """tr(W_B [(G⁻¹)_BB]⁻¹ W_Bᵀ) of each candidate unit's feature block B, batched over blocks of one size."""
+    cost = np.zeros(len(candidates))
+    by_size: dict[int, list[int]] = {}
+    for j, i in enumerate(candidates):
+        by_size.setdefault(len(state["blocks"][i]), []).append(j)
+    for size, rows in by_size.items():
+        if size == 0:
+            continue
+        idx = np.stack([state["blocks"][candidates[j]] for j in rows])
+        sub = state["hinv"][idx[:, :, None], idx[:, None, :]]
+        w = state["w"][:, idx]  # [out, blocks, size]
+        cost[rows] = np.einsum("obk,bkl,obl->b", w, np.linalg.inv(sub), w)
+    return cost
 
 
 def refit_linear(c: Consumer, removed_units: np.ndarray) -> np.ndarray:

@@ -97,26 +97,20 @@ def calibrated_plan(analysis, method: str, options, calib, refit: bool = True, p
 
 def refined_scores(analysis, method, options, calib, settings: CalibratedSettings, groups, progress=None):
     """Per group: the method's scores refined by the data score (or the method's alone for importance=off)."""
-    key = ("scores", _fingerprint(analysis, calib), method, repr(sorted(options.extra.items())), options.seed,
-           tuple(groups))
-    if key in _CACHE:
-        return _CACHE[key]
     base, note = method_scores(method, analysis, options, groups)
     notes = [note] if note else []
     if settings.importance == "off":
-        result = (base, notes)
-    else:
+        return base, notes
+    key = ("data", _fingerprint(analysis, calib), settings.importance, tuple(groups))
+    if key not in _CACHE:
         consumers = calibration_consumers(analysis, calib, groups, progress)
-        scores = {}
-        for g in groups:
-            group = analysis.groups[g]
-            data = group_data_scores(group.units, group.prunable, consumers[g], settings.importance)
-            scores[g] = refine(base[g], data, settings.blend)
-        notes.append(f"calibrated importance: {settings.importance} data scores (blend {settings.blend:g}) "
-                     f"on {calib.count} calibration samples")
-        result = (scores, notes)
-    _remember(key, result)
-    return result
+        _remember(key, {g: group_data_scores(analysis.groups[g].units, analysis.groups[g].prunable, consumers[g],
+                                             settings.importance) for g in groups})
+    data = _CACHE[key]
+    scores = {g: refine(base[g], data[g], settings.blend) for g in groups}
+    notes.append(f"calibrated importance: {settings.importance} data scores (blend {settings.blend:g}) "
+                 f"on {calib.count} calibration samples")
+    return scores, notes
 
 
 def calibration_consumers(analysis, calib, groups, progress=None):
@@ -135,8 +129,9 @@ def calibration_consumers(analysis, calib, groups, progress=None):
 def measure_sensitivity(analysis, method, options, calib, settings, scores, groups, droppable, refit, progress=None
                         ) -> Sensitivity:
     """Damage per group at the probe rates (removing the lowest-scored units first) and per droppable block."""
-    key = ("sensitivity", _fingerprint(analysis, calib), method, repr(sorted(options.extra.items())), options.seed,
-           options.min_channels, tuple(groups), tuple(droppable), refit)
+    ranking = hashlib.sha1(b"".join(np.asarray(scores[g], dtype=np.float64).tobytes() for g in groups)).hexdigest()
+    key = ("sensitivity", _fingerprint(analysis, calib), ranking, settings.probe_images, options.min_channels,
+           tuple(groups), tuple(droppable), refit)
     if key not in _CACHE:
         order = {g: removal_order(analysis, g, scores[g]) for g in groups}
         consumers = calibration_consumers(analysis, calib, groups, progress) if refit else {}
