@@ -166,3 +166,14 @@ def test_latency_allocation_keeps_the_block_whose_removal_is_measured_to_hurt(mo
     assert 0 not in planned.plan.dropped_blocks and planned.plan.dropped_blocks
     plain = plan_for_latency(analysis, "l1", options, request, measured=measured)
     assert plain.predicted_ms <= plain.budget_ms * 1.001
+
+
+def test_latency_target_with_calibration_on_cpu_runs_end_to_end(monkeypatch, tmp_path):
+    monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path))
+    import compressor
+
+    model = residual_net(blocks=3)
+    result = compressor.compress(model, method="l1", ratio=0.3, target="latency", device="cpu:1", batch=1,
+                                 calib=calib_for(model, 32), method_options={"calib_probe_images": "16"})
+    assert result.report["verified"] and result.report["latency"]
+    assert result.report["macs_after"] < result.report["macs_before"]
