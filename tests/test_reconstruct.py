@@ -191,3 +191,45 @@ def test_compress_with_calib_never_imports_torch(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code, str(RESNET20), str(tmp_path / "calib.npy")],
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def residual_model():
+    """conv0 → relu → conv → bn → relu = s; s → conv1 → relu → conv2 → bn → Add(s) → relu → head."""
+    b = GraphBuilder(shape=(1, 4, 8, 8))
+    s = b.op("Relu", [b.bn(b.conv(b.op("Relu", [b.conv("x", 4, 8)]), 8, 8), 8)])
+    y = b.bn(b.conv(b.op("Relu", [b.conv(s, 8, 8)]), 8, 8), 8)
+    joined = b.op("Add", [y, s])
+    return b.model(head(b, b.op("Relu", [joined]), 8)), s, joined
+
+
+def tensor_error(model: onnx.ModelProto, other: onnx.ModelProto, name: str) -> float:
+    def tapped(proto):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(proto)
+        del copy.graph.output[:]
+        copy.graph.output.extend([onnx.ValueInfoProto(name=name)])
+        return copy
+
+    data = np.random.default_rng(1).standard_normal((16, 1, 1, 4, 8, 8)).astype(np.float32)
+    ya = np.stack([o[0] for o in run_outputs(tapped(model), [{"x": d[0]} for d in data])])
+    yb = np.stack([o[0] for o in run_outputs(tapped(other), [{"x": d[0]} for d in data])])
+    return float(np.linalg.norm(ya - yb) / np.linalg.norm(ya))
+
+
+def test_a_branch_feeding_a_residual_add_also_absorbs_the_skip_error():
+    model, skip, joined = residual_model()
+    analysis = analyze(model)
+    first = next(n.name for n in analysis.view.nodes if n.op_type == "Conv" and n.input[0] == "x")
+    inner = next(n.name for n in analysis.view.nodes if n.op_type == "Conv" and n.input[0] == skip)
+    groups = {g.index: g for g in analysis.groups if {first, inner} & set(g.producers)}
+    plan = Plan(removed={i: np.array([1, 5]) if first in g.producers else np.array([3]) for i, g in groups.items()})
+    pruned = apply_plan(analysis, plan)
+    calib = random_calib([1, 4, 8, 8], n=128)
+    plain = reconstruct(analysis, plan, pruned, calib, compensate=False)
+    compensated = reconstruct(analysis, plan, pruned, calib)
+    assert [r.target for r in compensated.layers] == ["output", "residual sum"]
+    assert tensor_error(model, compensated.model, joined) < tensor_error(model, plain.model, joined)
+    assert tensor_error(model, compensated.model, skip) == pytest.approx(tensor_error(model, plain.model, skip))
+    reference = zeroed_reference(analysis, plan)
+    add_refits_to_reference(reference, analysis, plan, compensated.refits)
+    assert verify(analysis.proto, reference, compensated.model, analysis.input_shapes).passed

@@ -22,6 +22,7 @@ from compressor.calibration.data import CalibrationSet
 from compressor.calibration.layers import LinearLayer, features, initializer_value, linear_layer, sample_positions, targets
 from compressor.calibration.ridge import GramStats, fit
 from compressor.calibration.refit import write_layer
+from compressor.calibration.residual import SkipTarget, compensated_target, find_skip
 from compressor.calibration.segments import SegmentedRunner
 from compressor.runtime import cpu_session
 
@@ -52,13 +53,14 @@ class LayerRefit:
     reason: str = ""
     weight: np.ndarray | None = None
     bias: np.ndarray | None = None
+    target: str = "output"
 
     def to_dict(self) -> dict:
         """JSON-ready summary."""
         return {"node": self.layer.node, "op": self.layer.op, "level": self.level, "rows": int(self.rows),
                 "error_before": _round(self.error_before), "error_after": _round(self.error_after if self.refit
                                                                                  else self.error_before),
-                "alpha": self.alpha, "refit": self.refit, "reason": self.reason}
+                "alpha": self.alpha, "refit": self.refit, "target": self.target, "reason": self.reason}
 
 
 @dataclass
@@ -137,10 +139,11 @@ def rewired_nodes(analysis, pruned: onnx.ModelProto) -> set[str]:
     return rewired
 
 
-def levels(pruned: onnx.ModelProto, layers: list[LinearLayer]) -> list[int]:
-    """Level of each layer: one more than the deepest refitted layer upstream of it."""
+def levels(pruned: onnx.ModelProto, layers: list[LinearLayer], depth: dict[str, int] | None = None) -> list[int]:
+    """Level of each layer: one more than the deepest refitted layer upstream of it. `depth` (if given) receives,
+    per tensor, the deepest level its value depends on."""
     index = {layer.node: i for i, layer in enumerate(layers)}
-    depth: dict[str, int] = {}
+    depth = {} if depth is None else depth
     result = [0] * len(layers)
     for node in pruned.graph.node:
         deepest = max((depth.get(name, 0) for name in node.input), default=0)
@@ -153,28 +156,40 @@ def levels(pruned: onnx.ModelProto, layers: list[LinearLayer]) -> list[int]:
 
 
 def reconstruct(analysis, plan, pruned: onnx.ModelProto, calib: CalibrationSet, progress: Progress | None = None,
-                batch_size: int | None = None, seed: int = 0) -> Reconstruction:
-    """Refit the layers of `pruned` that consume removed channels; returns a new model and the per-layer record."""
+                batch_size: int | None = None, seed: int = 0, compensate: bool = True) -> Reconstruction:
+    """Refit the layers of `pruned` that consume removed channels; returns a new model and the per-layer record.
+
+    compensate: a layer feeding a residual Add through per-channel affine ops is fitted to the Add's original output
+    (compressor.calibration.residual), so it also absorbs the error earlier pruning left on the skip."""
     model = onnx.ModelProto()
     model.CopyFrom(pruned)
     samples = reconstruction_samples(analysis, calib.count)
     if samples < calib.count:
         calib = calib.subset(np.sort(np.random.default_rng(seed).choice(calib.count, samples, replace=False)))
     found = candidate_layers(analysis, plan, model)
-    level_of = levels(model, [f[0] for f in found])
+    depth: dict[str, int] = {}
+    level_of = levels(model, [f[0] for f in found], depth)
     records = [LayerRefit(layer, level, np.nonzero(keep)[0], len(keep)) for (layer, keep, _), level in zip(found, level_of)]
     targets_of = {f[0].node: (f[1], f[2]) for f in found}
+    skips = {}
+    for record in records if compensate else []:
+        skip = find_skip(model, analysis.proto, record.layer)
+        if skip is not None and depth.get(skip.skip, 0) < record.level:
+            skips[record.layer.node] = skip
     top = max(level_of, default=0)
     by_level = [[r for r in records if r.level == level] for level in range(1, top + 1)]
-    pruned_schedule = [[r.layer.data for r in batch] for batch in by_level]
-    original_schedule = [[targets_of[r.layer.node][1] for r in batch] for batch in by_level]
+    pruned_schedule = [[name for r in batch for name in [r.layer.data] + _skip_names(skips, r, 0)]
+                       for batch in by_level]
+    original_schedule = [[name for r in batch for name in [targets_of[r.layer.node][1]] + _skip_names(skips, r, 1)]
+                         for batch in by_level]
     with blas_threads(), SegmentedRunner(calib, pruned_schedule, batch_size) as pruned_runner, \
             SegmentedRunner(calib, original_schedule, batch_size) as original_runner:
         for k, batch in enumerate(by_level):
             if progress:
                 progress(f"reconstruct: level {k + 1}/{top} ({', '.join(r.layer.node for r in batch[:3])}"
                          f"{', ...' if len(batch) > 3 else ''})")
-            states = [_LayerState(r, model, targets_of[r.layer.node][0], calib.count) for r in batch]
+            states = [_LayerState(r, model, targets_of[r.layer.node][0], calib.count, skips.get(r.layer.node))
+                      for r in batch]
             rng = np.random.default_rng(seed + k)
             first = 0
             original_batches = original_runner.run_pass(k, analysis.proto)
@@ -183,7 +198,9 @@ def reconstruct(analysis, plan, pruned: onnx.ModelProto, calib: CalibrationSet, 
                 for state in states:
                     layer = state.record.layer
                     x = pruned_values[layer.data]
-                    state.gather(x, original_values[targets_of[layer.node][1]], first, rng)
+                    skip = state.skip
+                    skip_values = (original_values[skip.skip_original], pruned_values[skip.skip]) if skip else None
+                    state.gather(x, original_values[targets_of[layer.node][1]], first, rng, skip_values)
                 first += len(x)
             for _ in original_batches:  # runs the pass to its end, where the next pass's cache is completed
                 pass
@@ -194,12 +211,19 @@ def reconstruct(analysis, plan, pruned: onnx.ModelProto, calib: CalibrationSet, 
     return Reconstruction(model, records, calib.count)
 
 
+def _skip_names(skips: dict, record: LayerRefit, which: int) -> list[str]:
+    skip = skips.get(record.layer.node)
+    return [] if skip is None else [skip.skip if which == 0 else skip.skip_original]
+
+
 class _LayerState:
     """Streaming state of one layer while its level is being gathered."""
 
-    def __init__(self, record: LayerRefit, model: onnx.ModelProto, keep: np.ndarray, calib_count: int):
+    def __init__(self, record: LayerRefit, model: onnx.ModelProto, keep: np.ndarray, calib_count: int,
+                 skip: SkipTarget | None = None):
         layer = record.layer
-        self.record, self.keep = record, keep
+        self.record, self.keep, self.skip = record, keep, skip
+        record.target = "residual sum" if skip is not None else "output"
         self.node = next(n for n in model.graph.node if n.name == layer.node)
         self.weight = initializer_value(model, layer.weight)
         self.bias = initializer_value(model, layer.bias) if layer.bias else None
@@ -216,8 +240,10 @@ class _LayerState:
             record.original_outputs = outputs
             record.kept_outputs = np.arange(outputs)
 
-    def gather(self, x: np.ndarray, y_original: np.ndarray, first_sample: int, rng: np.random.Generator) -> None:
-        """Add the sampled rows of one batch: features from the pruned model's input x, targets from the original."""
+    def gather(self, x: np.ndarray, y_original: np.ndarray, first_sample: int, rng: np.random.Generator,
+               skip_values: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """Add the sampled rows of one batch: features from the pruned model's input x, targets from the original
+        (plus the skip's error when the layer feeds a residual Add: `skip_values` = original, pruned skip)."""
         if self.failed:
             return
         layer = self.record.layer
@@ -227,6 +253,11 @@ class _LayerState:
                 self.failed = f"the original output has {y_original.shape[axis]} channels, expected {len(self.keep)}"
                 return
             y_original = np.compress(self.keep, y_original, axis=axis)
+        if skip_values is not None:
+            y_original = compensated_target(y_original, skip_values[0], skip_values[1], self.keep, self.skip.scale, axis)
+            if y_original is None:
+                self.failed = "the residual skip does not match the layer's output"
+                return
         groups = self.m0.shape[0]
         per_position = int(np.prod(y_original.shape[2:] if layer.op.startswith("Conv") else y_original.shape[1:-1]))
         per_sample = max(1, -(-self.budget // max(self.calib_count, 1)))

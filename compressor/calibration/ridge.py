@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-ALPHAS = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1)
+ALPHAS = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 0.3, 1.0)
 FOLDS = 2  # fold 0 fits, fold 1 (every fifth sample) chooses alpha and measures the errors
 
 
