@@ -28,7 +28,7 @@ from compressor.runtime import cpu_session
 
 Progress = Callable[[str], None]
 MAX_ROWS = 65536
-MIN_ROWS = 16384
+MIN_ROWS = 32768
 GRAM_WORK = 2 ** 34  # rows · D² multiply-adds per layer before the row budget shrinks (never below 2·D rows)
 CACHE_BUDGET = 2 ** 30  # bytes of cut activations (both models): wider models refit on fewer samples
 MIN_SAMPLES = 64
