@@ -211,3 +211,12 @@ def test_calibration_set_must_feed_the_model_inputs():
     wrong_shape = CalibrationSet.from_arrays({"x": np.zeros((4, 3, 8, 9), dtype=np.float32)})
     with pytest.raises(CompressorError, match="has shape"):
         compressor.compress(model, method="l1", ratio=0.5, calib=wrong_shape)
+
+
+def test_float64_arrays_are_cast_for_the_model():
+    import compressor
+
+    model = image_model()
+    data = np.random.default_rng(0).standard_normal((24, 3, 8, 8))
+    result = compressor.compress(model, method="l1", ratio=0.5, calib=CalibrationSet.from_arrays({"x": data}))
+    assert result.report["verified"] and result.report["calibration"]["samples"] == 24

@@ -103,7 +103,8 @@ class CalibrationSet:
                               self.input_name, self.image_shape, self.options)
 
     def check_inputs(self, proto: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> None:
-        """Raise CompressorError unless the set feeds every model input with samples of the right shape and type."""
+        """Raise CompressorError unless the set feeds every model input with samples of the right shape and type
+        (floating arrays of another precision are cast batch by batch)."""
         inputs = {i.name: i for i in proto.graph.input}
         missing = sorted(set(inputs) - set(self.names))
         if missing:
@@ -111,7 +112,7 @@ class CalibrationSet:
                                   f"(it holds: {', '.join(self.names)})")
         for name, array in (self.arrays or {}).items():
             if name in inputs:
-                _check_array(array, name, inputs[name], input_shapes)
+                self.arrays[name] = _check_array(array, name, inputs[name], input_shapes)
 
     def split(self, n_held_out: int) -> tuple["CalibrationSet", "CalibrationSet"]:
         """(fit set, held-out set): the last `n_held_out` samples are held out (at least one stays for fitting)."""
