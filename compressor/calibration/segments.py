@@ -119,7 +119,11 @@ class SegmentedRunner:
             yield {}
 
     def _allocate(self, name: str, example: np.ndarray) -> np.ndarray:
+        """A memory-mapped array for every sample of tensor `name`. Its file is unlinked at once: the space lives
+        as long as the mapping (freed when the cache drops the tensor, even if the process is killed)."""
         self._files += 1
         path = os.path.join(self._dir, f"t{self._files}.npy")
-        return np.lib.format.open_memmap(path, mode="w+", dtype=example.dtype,
-                                         shape=(self.calib.count,) + tuple(example.shape[1:]))
+        array = np.lib.format.open_memmap(path, mode="w+", dtype=example.dtype,
+                                          shape=(self.calib.count,) + tuple(example.shape[1:]))
+        os.unlink(path)
+        return array
