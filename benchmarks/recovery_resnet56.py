@@ -32,6 +32,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.cifar_resnet56_nofinetune import top1  # noqa: E402
+
 NAME = "recovery_resnet56"
 CHECKPOINT = "cifar10-resnet/resnet56-4bfd9763.th"
 RATIOS = (0.3, 0.5)
@@ -64,21 +66,6 @@ def extract_calibration_images(tarball: Path, folder: Path, count: int, seed: in
             target.write_bytes(tar.extractfile(members[i]).read())
 
 
-def top1(model_bytes: bytes, images: np.ndarray, labels: np.ndarray, batch: int = 1000) -> float:
-    """Top-1 (%) with ONNX Runtime on the CPU, all threads."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    correct = 0
-    for start in range(0, len(labels), batch):
-        logits = session.run(None, {name: images[start:start + batch]})[0]
-        correct += int((logits.argmax(axis=1) == labels[start:start + batch]).sum())
-    return 100.0 * correct / len(labels)
-
-
 def row_command(method: str, ratio: float, calib: bool, reconstruct: bool, options: dict) -> str:
     """The `compress` command producing one row's model (from the work folder)."""
     args = ["compress", "resnet56.onnx", "--method", method, "--ratio", str(ratio)]
@@ -102,7 +89,7 @@ def run_compress(source: Path, calib: Path, method: str, ratio: float, use_calib
     held = (report.get("calibration") or {}).get("held_out") or {}
     return {"method": method, "ratio": ratio, "macs": report["macs_after"], "reduction": report["macs_reduction"],
             "params": report["params_after"], "blocks_removed": len(report["blocks_removed"]),
-            "top1": top1(result.model.SerializeToString(), images, labels), "seconds": round(seconds, 1),
+            "top1": top1(result.model.SerializeToString(), images, labels, 1000), "seconds": round(seconds, 1),
             "held_out": held, "command": row_command(method, ratio, use_calib, reconstruct, options)}
 
 
@@ -119,7 +106,7 @@ def onnxsim_rows(python: str, source: Path, calib: Path, work: Path, images, lab
             continue
         info = json.loads(done.stdout.strip().splitlines()[-1])
         rows.append({"method": "onnxsim structured Wanda", "ratio": ratio, **info,
-                     "top1": top1(out.read_bytes(), images, labels), "seconds": round(time.perf_counter() - start, 1),
+                     "top1": top1(out.read_bytes(), images, labels, 1000), "seconds": round(time.perf_counter() - start, 1),
                      "command": shlex.join(["python", "benchmarks/recovery_resnet56.py", "--onnxsim-worker",
                                             "resnet56.onnx", "calib", str(ratio), "out.onnx"])})
     return rows
@@ -230,7 +217,7 @@ def main() -> None:
         np.savez(cached, x=normalize_nchw(x), y=y)
     data = np.load(cached)
     images, labels = data["x"], data["y"]
-    baseline = {"macs": analyze(source).macs, "top1": top1(source.read_bytes(), images, labels)}
+    baseline = {"macs": analyze(source).macs, "top1": top1(source.read_bytes(), images, labels, 1000)}
     print(f"unpruned top-1 {baseline['top1']:.2f}%", flush=True)
     plan = ([(m, name, *CONFIGS[name]) for m in ("l1", "graph-rw") for name in CONFIGS] if args.suite == "table"
             else [("l1", *entry) for entry in IMPORTANCE_SUITE])
