@@ -5,7 +5,8 @@ Method options (`--method-option KEY=VALUE`), all optional:
 - `calib_importance`: obs (default) | energy | act | off (the method's own scores);
 - `calib_blend`: α in [0, 1], the weight of the data score against the method's (default 1);
 - `calib_allocation`: sensitivity (default) | method (the method's own allocation, with the refined scores);
-- `calib_probe_images`: calibration images the sensitivity is measured on (default 128).
+- `calib_probe_images`: calibration images the sensitivity is measured on (default: 128, fewer, down to 8, where
+  the probe runs would exceed PROBE_MAC_BUDGET multiply-accumulates: a ResNet-50 at 224×224 gets 8).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ R_MAX = 0.9
 ALLOCATIONS = ("sensitivity", "method")
 _CACHE: dict[tuple, tuple] = {}
 _CACHE_SIZE = 8
+PROBE_IMAGES = 128
+MIN_PROBE_IMAGES = 8
+PROBE_MAC_BUDGET = 2e12  # probe runs × images × model MACs (CIFAR ResNet-56: 1.75e12 at 128 images)
 _ALIVE: list = []
 
 
@@ -38,7 +42,7 @@ class CalibratedSettings:
     importance: str = "obs"
     blend: float = 1.0
     allocation: str = "sensitivity"
-    probe_images: int = 128
+    probe_images: int | None = None
 
 
 def parse_settings(extra: dict | None) -> CalibratedSettings:
@@ -135,11 +139,19 @@ def measure_sensitivity(analysis, method, options, calib, settings, scores, grou
     if key not in _CACHE:
         order = {g: removal_order(analysis, g, scores[g]) for g in groups}
         consumers = calibration_consumers(analysis, calib, groups, progress) if refit else {}
-        probe = calib.subset(np.arange(min(settings.probe_images, calib.count)))
-        feeds = list(probe.batches(_batch(analysis, calib)))
         counts = {g: probe_counts(analysis, g, options) for g in groups}
+        images = settings.probe_images or probe_images(analysis, sum(map(len, counts.values())) + len(droppable))
+        probe = calib.subset(np.arange(min(images, calib.count)))
+        feeds = list(probe.batches(_batch(analysis, calib)))
         _remember(key, measure(analysis, groups, order, consumers, counts, droppable, feeds, refit, progress))
     return _CACHE[key]
+
+
+def probe_images(analysis, runs: int) -> int:
+    """Images per probe run: PROBE_IMAGES, fewer (not under MIN_PROBE_IMAGES) where `runs` runs of the model would
+    exceed PROBE_MAC_BUDGET."""
+    affordable = int(PROBE_MAC_BUDGET / max(runs * analysis.macs, 1))
+    return int(np.clip(affordable, MIN_PROBE_IMAGES, PROBE_IMAGES))
 
 
 def sensitivity_plan(analysis, options, scores, sensitivity: Sensitivity, groups, droppable) -> Plan:
