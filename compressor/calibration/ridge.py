@@ -68,8 +68,8 @@ def solve(xx: np.ndarray, xy: np.ndarray, w0: np.ndarray, alpha: float) -> np.nd
 
 def squared_error(xx: np.ndarray, xy: np.ndarray, yy: np.ndarray, m: np.ndarray) -> float:
     """Σ‖XM − Y‖² from the Gram statistics (summed over groups)."""
-    quad = np.einsum("gdo,gde,geo->", m, xx, m)
-    cross = np.einsum("gdo,gdo->", m, xy)
+    quad = float(np.sum(np.matmul(xx, m) * m))
+    cross = float(np.sum(m * xy))
     return float(max(quad - 2.0 * cross + yy.sum(), 0.0))
 
 

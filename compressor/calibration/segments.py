@@ -100,16 +100,18 @@ class SegmentedRunner:
         self.cache = {name: self.cache.get(name, fresh.get(name)) for name in keep}
 
     def _segment(self, proto: onnx.ModelProto, nodes: list[int], cached: set[str]) -> onnx.ModelProto:
-        """`proto` cut to `nodes`, with the cached tensors it reads as extra graph inputs."""
-        segment = onnx.ModelProto()
-        segment.CopyFrom(proto)
-        del segment.graph.node[:]
-        segment.graph.node.extend(proto.graph.node[i] for i in nodes)
+        """The model of `nodes` alone (with only the initializers they read), the cached tensors among its inputs."""
+        graph = proto.graph
+        chosen = [graph.node[i] for i in nodes]
+        used = {name for node in chosen for name in node.input}
+        inputs = [i for i in graph.input if i.name in used]
         for name in sorted(cached):
             value = self.cache[name]
             elem = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
-            segment.graph.input.append(onnx.helper.make_tensor_value_info(name, elem, ["batch", *value.shape[1:]]))
-        return segment
+            inputs.append(onnx.helper.make_tensor_value_info(name, elem, ["batch", *value.shape[1:]]))
+        initializers = [t for t in graph.initializer if t.name in used]
+        segment = onnx.helper.make_graph(chosen, "segment", inputs, [], initializers)
+        return onnx.helper.make_model(segment, opset_imports=proto.opset_import, ir_version=proto.ir_version)
 
     def _feeds(self, with_inputs: bool) -> Iterator[dict[str, np.ndarray]]:
         if with_inputs:
