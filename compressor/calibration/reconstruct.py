@@ -281,7 +281,7 @@ class _LayerState:
             return False
         groups = self.m0.shape[0]
         expected = targets(self.record.layer, own, rows, groups)
-        predicted = np.einsum("rgd,gdo->rgo", feats, self.m0) + self.b0.reshape(1, groups, -1)
+        predicted = np.matmul(feats.transpose(1, 0, 2), self.m0).transpose(1, 0, 2) + self.b0.reshape(1, groups, -1)
         mismatch = np.linalg.norm(predicted - expected) / max(np.linalg.norm(expected), 1e-30)
         if mismatch > CHECK_TOLERANCE:
             self.failed = f"the regression form does not reproduce the layer (relative error {mismatch:.2g})"
