@@ -33,9 +33,10 @@ def bench(
     seed: int = typer.Option(0, "--seed", help="Seed of the random inputs."),
 ) -> None:
     """Benchmark ONNX models on CUDA, TensorRT and CPU targets (models interleaved round by round)."""
-    from compressor.bench import default_targets, parse_target, run_benchmark
-    from compressor.bench_report import plot_report, progress_bar
-    from compressor.loading import parse_input_shapes
+    from compressor.runtime.bench import run_benchmark
+    from compressor.runtime.targets import default_targets, parse_target
+    from compressor.runtime.report import plot_report, progress_bar
+    from compressor.engine.loading import parse_input_shapes
 
     targets = [parse_target(t) for t in target] if target else default_targets()
     shapes = parse_input_shapes(input_shape)

@@ -8,8 +8,7 @@ from typing import Optional
 
 import typer
 
-from cli.common import fail
-from cli.main import _usage_epilog
+from cli.common import fail, usage_epilog
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]})
 
@@ -59,7 +58,7 @@ def print_summary(report: dict, output: Path) -> None:
         typer.echo(f"  note: {note}")
 
 
-@app.command(epilog=_usage_epilog())
+@app.command(epilog=usage_epilog())
 def compress(
     model: Path = typer.Argument(..., metavar="MODEL.onnx", help="Input ONNX model (never modified)."),
     method: str = typer.Option("l1", "--method", "-m", help="Scoring/planning method: zeros, l1, l2, random, graph-rw, ..."),
@@ -86,12 +85,13 @@ def compress(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no summary."),
 ) -> None:
     """Remove whole filters and residual blocks from MODEL and write a verified, smaller ONNX model."""
-    from compressor.api import compress as run_compress
-    from compressor.loading import parse_input_shapes
+    from compressor.api import compress as run_compress, compress_options
+    from compressor import methods
+    from compressor.engine.loading import parse_input_shapes
 
     if ratio is not None and latency_ms is not None:
         fail("give either --ratio or --latency-ms, not both")
-    if method != "zeros" and ratio is None and latency_ms is None:
+    if methods.get(method).needs_ratio and ratio is None and latency_ms is None:
         fail("--ratio is required for this method (a fraction in (0, 1))")
     if not model.exists():
         fail(f"model file not found: {model}")
@@ -105,16 +105,17 @@ def compress(
             options[key] = value
     shapes = parse_input_shapes(input_shape)
     progress = _Progress(quiet)
+    plan_options, latency = compress_options(ratio, target=target, round_to=round_to, min_channels=min_channels,
+                                             exclude=tuple(exclude), seed=seed, method_options=options, device=device,
+                                             batch=batch, latency_ms=latency_ms, profile_budget=profile_budget)
     try:
-        result = run_compress(model, method=method, ratio=ratio, target=target, round_to=round_to,
-                              min_channels=min_channels, exclude=tuple(exclude), seed=seed, input_shapes=shapes,
-                              verify=not no_verify, method_options=options, progress=progress.update, device=device,
-                              batch=batch, latency_ms=latency_ms, profile_budget=profile_budget)
+        result = run_compress(model, method, options=plan_options, latency=latency, input_shapes=shapes,
+                              verify=not no_verify, progress=progress.update)
     finally:
         progress.stop()
     result.save(output)
     if bench:
-        from compressor.bench import run_benchmark
+        from compressor.runtime.bench import run_benchmark
 
         bench_report = run_benchmark([model, output], list(bench), [bench_batch], input_shapes=shapes or None,
                                      names=["original", "compressed"])
@@ -128,7 +129,7 @@ def compress(
 
 
 def _write_json(path: Path, data: dict) -> None:
-    from compressor.api import atomic_write_text
+    from compressor.files import atomic_write_text
 
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 

@@ -19,8 +19,9 @@ def inspect(
     layers: bool = typer.Option(True, "--layers/--no-layers", help="Print the per-layer cost table."),
 ) -> None:
     """List dependency groups, removable residual blocks and per-layer MACs/params."""
-    from compressor.api import atomic_write_text, inspect as run_inspect
-    from compressor.loading import parse_input_shapes
+    from compressor.api import inspect as run_inspect
+    from compressor.files import atomic_write_text
+    from compressor.engine.loading import parse_input_shapes
 
     data = run_inspect(model, parse_input_shapes(input_shape)).to_dict()
     typer.echo(f"{model}: {data['macs'] / 1e6:.2f} MMACs, {data['params'] / 1e6:.3f} M params")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -14,18 +13,18 @@ import numpy as np
 import onnx
 
 from compressor import methods
-from compressor.analysis import Analysis, analyze
-from compressor.cost import ModelCost, view_cost
+from compressor.engine.analysis import Analysis, analyze
+from compressor.engine.cost import ModelCost, view_cost
 from compressor.errors import CompressorError, VerificationError
-from compressor.graph import GraphView
-from compressor.latency import check_latency, flag_note, plan_for_latency, resolve_request
-from compressor.plan import Plan, PlanOptions
-from compressor.shapes import infer_shapes
-from compressor.surgery import apply_plan, zeroed_reference
-from compressor.verify import check_model, verify
+from compressor.files import save_model
+from compressor.engine.graph import GraphView
+from compressor.latency import LatencyRequest, check_latency, flag_note, plan_for_latency, resolve_request
+from compressor.engine.plan import Plan, PlanOptions
+from compressor.engine.shapes import infer_shapes
+from compressor.engine.surgery import apply_plan, zeroed_reference
+from compressor.engine.verify import check_model, verify
 
 Progress = Callable[[str], None]
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
 @dataclass
@@ -43,52 +42,6 @@ class CompressResult:
         return save_model(self.model, path)
 
 
-def save_model(proto: onnx.ModelProto, path: str | os.PathLike) -> Path:
-    """Write `proto` to `path` atomically; nothing is left behind on failure."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise CompressorError(f"output directory does not exist: {path.parent}")
-    if not os.access(path.parent, os.W_OK):
-        raise CompressorError(f"output directory is not writable: {path.parent}")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise CompressorError(f"cannot write to {path.parent}: {exc.strerror or exc}") from exc
-    os.close(fd)
-    data_name = f"{path.name}.data"
-    tmp_data = path.parent / f".{data_name}.tmp"
-    try:
-        if proto.ByteSize() > EXTERNAL_DATA_THRESHOLD:
-            onnx.save_model(proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=data_name)
-            os.replace(path.parent / data_name, tmp_data)
-            os.replace(tmp_data, path.parent / data_name)
-        else:
-            onnx.save_model(proto, tmp)
-        os.replace(tmp, path)
-    except Exception as exc:
-        for leftover in (Path(tmp), tmp_data):
-            leftover.unlink(missing_ok=True)
-        if isinstance(exc, CompressorError):
-            raise
-        raise CompressorError(f"cannot write {path}: {exc}") from exc
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write text to `path` through a temp file and a rename."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise CompressorError(f"output directory does not exist: {path.parent}")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise CompressorError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    return path
-
-
 @contextmanager
 def _stage(timings: dict[str, float], name: str, progress: Progress | None):
     if progress:
@@ -102,26 +55,42 @@ def _cost_of(proto: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> Mode
     return view_cost(GraphView(proto, infer_shapes(proto, input_shapes)))
 
 
-def compress(model, method: str = "l1", ratio: float | None = 0.5, *, target: str = "macs", round_to: int = 1,
-             min_channels: int = 1, exclude=(), seed: int = 0, input_shapes: dict[str, list[int]] | None = None,
-             verify: bool = True, method_options: dict | None = None, progress: Progress | None = None,
-             device: str | None = None, batch: int | None = None, latency_ms: float | None = None,
-             profile_budget: float | None = None) -> CompressResult:
+def compress_options(ratio: float | None = 0.5, *, target: str = "macs", round_to: int = 1, min_channels: int = 1,
+                     exclude=(), seed: int = 0, method_options: dict | None = None, device: str | None = None,
+                     batch: int | None = None, latency_ms: float | None = None, profile_budget: float | None = None
+                     ) -> tuple[PlanOptions, LatencyRequest | None]:
+    """The plan options and (for target="latency") the validated latency request, from the CLI's spelling: remove
+    `ratio` of `target` (macs, params or latency); latency: measured on `device` (cuda[:N] or cpu:T) at `batch`,
+    or meet `latency_ms` (which wins over ratio), profiling for at most `profile_budget` seconds."""
+    latency = resolve_request(target, ratio, device, batch, latency_ms, profile_budget)
+    options = PlanOptions(ratio, target, round_to, min_channels, tuple(exclude or ()), seed, dict(method_options or {}))
+    return options, latency
+
+
+def compress(model, method: str = "l1", ratio: float | None = 0.5, *, options: PlanOptions | None = None,
+             latency: LatencyRequest | None = None, input_shapes: dict[str, list[int]] | None = None,
+             verify: bool = True, progress: Progress | None = None, **keywords) -> CompressResult:
     """Compress `model` (a path or an onnx.ModelProto) with a registered method.
 
-    ratio is the fraction of `target` (macs or params) to remove; `zeros` ignores it. Raises CompressorError on
-    bad input and VerificationError when the result does not match its reference.
-    target="latency" removes `ratio` of the latency measured on `device` (cuda[:N] or cpu:T) at `batch`, or meets
-    `latency_ms` (which wins over ratio); `profile_budget` bounds the profiling seconds. The method supplies the
-    importance, compressor.latency the cost; the report's "latency" section holds predicted vs measured latency.
+    What to remove comes as `options` (PlanOptions) and, for target="latency", `latency` (a LatencyRequest), as
+    the CLI builds them with `compress_options`; or, for short calls, as `ratio` and compress_options' keywords
+    (target, round_to, min_channels, exclude, seed, method_options, device, batch, latency_ms, profile_budget).
+    Raises CompressorError on bad input and VerificationError when the result does not match its reference.
+    With a latency request the method supplies the importance, compressor.latency the cost, and the report's
+    "latency" section holds predicted vs measured latency.
     """
     start = time.perf_counter()
     timings: dict[str, float] = {}
-    plan_fn = methods.get(method)
-    latency = resolve_request(target, ratio, device, batch, latency_ms, profile_budget)
-    options = PlanOptions(ratio, target, round_to, min_channels, tuple(exclude or ()), seed, dict(method_options or {}))
+    entry = methods.get(method)
+    if options is None:
+        try:
+            options, latency = compress_options(ratio, **keywords)
+        except TypeError as exc:
+            raise CompressorError(f"compress: {exc}") from exc
+    elif keywords:
+        raise CompressorError(f"compress: give options= or keywords ({', '.join(sorted(keywords))}), not both")
     if latency is None:
-        options.validate(needs_ratio=method != "zeros")
+        options.validate(needs_ratio=entry.needs_ratio)
     else:
         replace(options, target="macs").validate(needs_ratio=latency.latency_ms is None)
     with _stage(timings, "analyze", progress):
@@ -129,15 +98,15 @@ def compress(model, method: str = "l1", ratio: float | None = 0.5, *, target: st
     original_bytes = analysis.proto.ByteSize()
     with _stage(timings, "plan", progress):
         planned = None if latency is None else plan_for_latency(analysis, method, options, latency, progress)
-        plan = plan_fn(analysis, options) if planned is None else planned.plan
-    if plan.is_empty() and method != "zeros":
+        plan = entry.plan(analysis, options) if planned is None else planned.plan
+    if plan.is_empty() and not entry.exact:
         raise CompressorError("nothing prunable: the plan removes no channel and no block")
     with _stage(timings, "surgery", progress):
         result = apply_plan(analysis, plan)
     verification = None
     if verify:
         with _stage(timings, "verify", progress):
-            reference = None if method == "zeros" else zeroed_reference(analysis, plan)
+            reference = None if entry.exact else zeroed_reference(analysis, plan)
             verification = _run_verification(analysis, reference, result)
     else:
         with _stage(timings, "check", progress):

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from compressor.errors import VerificationError
-from compressor.runtime import cpu_session
-from compressor.shapes import random_inputs, with_fixed_inputs
+from compressor.errors import VerificationError, first_line
+from compressor.engine.shapes import with_fixed_inputs
+from compressor.runtime.inputs import random_inputs
+from compressor.runtime.sessions import cpu_session
 
 ATOL = 1e-4
 RTOL = 1e-4
@@ -31,8 +32,7 @@ def check_model(proto: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> N
         onnx.checker.check_model(proto, full_check=False)
         onnx.shape_inference.infer_shapes(with_fixed_inputs(proto, input_shapes), check_type=True, strict_mode=True)
     except Exception as exc:  # noqa: BLE001 - checker and inference raise several types
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise VerificationError(f"the compressed model fails the ONNX checker: {first}") from exc
+        raise VerificationError(f"the compressed model fails the ONNX checker: {first_line(exc)}") from exc
 
 
 def run_outputs(proto: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
@@ -53,6 +53,13 @@ def max_abs_diff(a: list[list[np.ndarray]], b: list[list[np.ndarray]]) -> float:
     return worst
 
 
+def compare_outputs(reference: list[list[np.ndarray]], actual: list[list[np.ndarray]]) -> tuple[float, float]:
+    """(max abs difference, tolerance) of `actual` against `reference` over all runs and outputs; the tolerance is
+    ATOL + RTOL · max|reference|. The one output comparison of the package (verification, export checks)."""
+    scale = max((float(np.max(np.abs(o))) for outs in reference for o in outs if o.size), default=1.0)
+    return max_abs_diff(actual, reference), ATOL + RTOL * scale
+
+
 def verify(original: onnx.ModelProto, reference: onnx.ModelProto | None, result: onnx.ModelProto,
            input_shapes: dict[str, list[int]], seeds: tuple[int, ...] = (0, 1)) -> VerificationResult:
     """Check `result` and compare it on seeded inputs with `reference` (None: the original is the reference)."""
@@ -61,8 +68,6 @@ def verify(original: onnx.ModelProto, reference: onnx.ModelProto | None, result:
     out_original = run_outputs(original, feeds)
     out_reference = out_original if reference is None else run_outputs(reference, feeds)
     out_result = run_outputs(result, feeds)
-    scale = max((float(np.max(np.abs(o))) for outs in out_reference for o in outs if o.size), default=1.0)
-    tolerance = ATOL + RTOL * scale
-    vs_reference = max_abs_diff(out_result, out_reference)
+    vs_reference, tolerance = compare_outputs(out_reference, out_result)
     vs_original = max_abs_diff(out_result, out_original)
     return VerificationResult(vs_reference, vs_original, tolerance, bool(vs_reference <= tolerance))
