@@ -35,6 +35,8 @@ import numpy as np
 from compressor.errors import CompressorError
 from compressor.methods import registry
 
+FALLBACK_SCORES = "l1"  # the importance of a method that registers no scores function
+
 if TYPE_CHECKING:
     from compressor.engine.analysis import Analysis
     from compressor.engine.plan import PlanOptions
@@ -50,9 +52,9 @@ def method_scores(method: str, analysis: Analysis, options: PlanOptions, groups:
         raise CompressorError(f"--target latency needs a scoring method ({scoring}): '{method}' takes no ratio")
     if entry.scores is not None:
         return _checked(entry.scores(analysis, options), analysis, groups), entry.scores_note
-    fallback = registry.get("l1").scores
+    fallback = registry.get(FALLBACK_SCORES).scores
     return (_checked(fallback(analysis, options), analysis, groups),
-            f"method '{method}' registers no scores function: l1 filter norms used as importance")
+            f"method '{method}' registers no scores function: {FALLBACK_SCORES} filter norms used as importance")
 
 
 def _checked(scores: dict[int, np.ndarray], analysis: Analysis, groups: list[int]) -> dict[int, np.ndarray]:

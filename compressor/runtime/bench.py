@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from compressor.errors import CompressorError
-from compressor.runtime.handles import ChildSession, LocalSession, megabytes
+from compressor.runtime.handles import ChildSession, LocalSession, SessionHandle, megabytes
 from compressor.runtime.inputs import InputSpec, ModelRef, read_graph_inputs, specs_from_inputs
 from compressor.runtime.probes import GpuMemoryProbe, capture_environment, primed_gpu_probe
 from compressor.runtime.report import BenchReport, Measurement, ModelInfo
@@ -115,13 +115,13 @@ def _check_counts(warmup: int, runs: int, batches: list[int]) -> None:
 
 
 def _open_session(job: Job, target: Target, specs: list[InputSpec], *, seed: int, cuda_graph: bool, warmup: int,
-                  pin: bool, isolate: bool, gpu_probe: GpuMemoryProbe | None):
+                  pin: bool, isolate: bool, gpu_probe: GpuMemoryProbe | None) -> SessionHandle:
     if isolate:
         return ChildSession(job.source, target, specs, seed, cuda_graph, warmup, pin)
     return LocalSession(job.source, target, specs, seed, cuda_graph, warmup, gpu_probe)
 
 
-def _measurement(job: Job, target: Target, batch: int, specs: list[InputSpec], handle, rounds_ms: list[list[float]],
+def _measurement(job: Job, target: Target, batch: int, specs: list[InputSpec], handle: SessionHandle, rounds_ms: list[list[float]],
                  memory: dict[str, Any], warmup: int, cuda_graph: bool) -> Measurement:
     return Measurement(
         model=job.info.name, model_index=job.index, target=target.label, provider=handle.opened.provider, batch=batch,

@@ -11,13 +11,28 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from compressor.errors import CompressorError
 from compressor.runtime.inputs import InputSpec
 from compressor.runtime.probes import GpuMemoryProbe, current_rss_bytes, peak_rss_bytes, pin_to_cores
 from compressor.runtime.sessions import SessionRunner
 from compressor.runtime.targets import Target, parse_target
+
+
+class SessionHandle(Protocol):
+    """What the benchmark runner drives: a created and warmed-up session (LocalSession or ChildSession)."""
+
+    opened: Opened
+
+    def time_runs(self, count: int) -> list[float]:
+        """Wall-clock milliseconds of `count` consecutive inferences."""
+
+    def finish(self) -> dict[str, Any]:
+        """The memory figures of the session."""
+
+    def close(self) -> None:
+        """Release the session (and its process)."""
 
 
 @dataclass
