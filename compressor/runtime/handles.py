@@ -65,6 +65,7 @@ class LocalSession:
         self.opened = Opened(self.runner.create_s, self.runner.first_run_s, self.runner.provider)
 
     def time_runs(self, count: int) -> list[float]:
+        """Wall-clock milliseconds of `count` consecutive inferences."""
         return self.runner.time_runs(count)
 
     def finish(self) -> dict[str, Any]:
@@ -72,6 +73,7 @@ class LocalSession:
         return dict(self.memory)
 
     def close(self) -> None:
+        """Drop the session."""
         self.runner = None
 
 
@@ -113,15 +115,18 @@ class ChildSession:
         return reply
 
     def time_runs(self, count: int) -> list[float]:
+        """Wall-clock milliseconds of `count` consecutive inferences, timed in the child."""
         return self._ask({"op": "run", "count": count})["ms"]
 
     def finish(self) -> dict[str, Any]:
+        """Memory figures: the child's peak RSS, and what the session added to its RSS."""
         reply = self._ask({"op": "memory"})
         peak, before = reply.get("peak_rss"), self._rss_before
         added = None if peak is None or before is None else peak - before
         return {"kind": "cpu-rss", "source": reply.get("source"), "peak_mb": megabytes(peak), "added_mb": megabytes(added)}
 
     def close(self) -> None:
+        """Ask the child to exit (kill it if it does not) and drop its stderr file."""
         if self.process.poll() is None:
             try:
                 self.process.stdin.write(json.dumps({"op": "exit"}) + "\n")
