@@ -3,7 +3,8 @@ and hooks through which a method shapes training.
 
 A method plugs in with a TrainHooks object: `make_optimizer` replaces SGD (GSM), `penalty` adds a term to the loss,
 `after_step` acts on the weights after every optimizer step (AMSC's proximal step, re-applying a pruning mask),
-`after_training` runs once at the end (GSM's finalize). Hooks always see the plain model, never the DDP wrapper.
+`after_training` runs once at the end (GSM's finalize), `loss` replaces the cross-entropy (distillation). Hooks
+always see the plain model, never the DDP wrapper.
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ class TrainHooks:
 
     def make_optimizer(self, model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer | None:
         """An optimizer to use instead of SGD (its param groups' 'lr' follow the schedule), or None."""
+        return None
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor | None:
+        """A loss to use instead of the cross-entropy of the logits (e.g. distillation), or None."""
         return None
 
     def penalty(self, model: nn.Module) -> torch.Tensor | None:
@@ -164,8 +169,9 @@ def train(model: nn.Module, data: CifarData, config: TrainConfig, hooks: Sequenc
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with _autocast(data.device, config.bf16):
-                logits = net(x.contiguous(memory_format=memory_format))
-                loss = F.cross_entropy(logits.float(), y)
+                x = x.contiguous(memory_format=memory_format)
+                logits = net(x)
+                loss = _task_loss(hooks, x, y, logits)
             total = loss
             for hook in hooks:
                 extra = hook.penalty(model)
@@ -195,6 +201,14 @@ def train(model: nn.Module, data: CifarData, config: TrainConfig, hooks: Sequenc
         extra.update(hook.after_training(model, optimizer) or {})
     model.to(memory_format=torch.contiguous_format)
     return TrainResult(history, val_top1, time.perf_counter() - started, step, extra)
+
+
+def _task_loss(hooks: Sequence[TrainHooks], images: torch.Tensor, labels: torch.Tensor,
+               logits: torch.Tensor) -> torch.Tensor:
+    replacements = [loss for loss in (h.loss(images, labels, logits) for h in hooks) if loss is not None]
+    if len(replacements) > 1:
+        raise CompressorError("two training hooks both replace the loss")
+    return replacements[0] if replacements else F.cross_entropy(logits.float(), labels)
 
 
 def _wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
