@@ -15,15 +15,7 @@ from compressor.training.distill import DistillHooks, distillation_loss
 from compressor.training.loop import TrainConfig, evaluate, train
 from compressor.training.models import build_model
 from compressor.training.pipeline import TrainJob, run_job
-from tests.test_training import synthetic_data
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from tests.test_training import one_torch_thread, synthetic_data  # noqa: F401 - the autouse fixture applies here too
 
 
 def test_kd_loss_follows_the_formula():
