@@ -191,8 +191,14 @@ class Pool:
             time.sleep(2)
 
     def run(self, rows: list[Row], argv_of) -> None:
-        """Latency-planning rows first (each alone until its plan is made), then the others in priority order."""
-        queue = sorted(rows, key=lambda r: not r.plans_latency)
+        """Latency-planning rows first (each alone until its plan is made), then the others in priority order.
+        Only the latency rows of the first one's plan run here (they share its measured latency table, cached on this
+        machine); rows planning for another target are left for the next call, which starts on a quiet GPU."""
+        planning = [r for r in rows if r.plans_latency]
+        later = [r for r in planning if r.options != planning[0].options]
+        for row in later:
+            self.skipped[row.name] = "latency plan for another target: left for the next call"
+        queue = sorted((r for r in rows if r not in later), key=lambda r: not r.plans_latency)
         first_batch = True
         while queue or self.running:
             self.poll()
@@ -347,8 +353,10 @@ def stage_b(args: argparse.Namespace, out: Path, work: Path, log: Log) -> dict:
     latency = measure_latency(models, args.latency_runs, log)
     for r in rows:
         r["latency_ms"] = latency.get(r["name"], r["latency_ms"])
-    final = {"rows": rows, "skipped": packed["skipped"], "machine": machine(), "stage_a_settings":
-             json.loads((source / "rows_a.json").read_text()).get("settings") if (source / "rows_a.json").is_file() else None}
+    stage_a = json.loads((source / "rows_a.json").read_text()) if (source / "rows_a.json").is_file() else {}
+    done = {r["name"] for r in rows}
+    skipped = {k: v for k, v in {**stage_a.get("skipped", {}), **packed["skipped"]}.items() if k not in done}
+    final = {"rows": rows, "skipped": skipped, "machine": machine(), "stage_a_settings": stage_a.get("settings")}
     write_json(out / f"{NAME}.json", final)
     write_report(final, out)
     return final

@@ -186,8 +186,11 @@ def markdown(rows: list[dict], header: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def pareto_plot(rows: list[dict], path: Path, key: str = "cuda_b128") -> bool:
-    """Top-1 against measured latency (one point per row, Pareto front drawn); False when nothing was timed."""
+def pareto_plot(rows: list[dict], path: Path, key: str | None = None) -> bool:
+    """Top-1 against measured latency (one point per row, Pareto front drawn): cuda b128 when timed, else cpu:1;
+    False when nothing was timed."""
+    if key is None:
+        key = "cuda_b128" if any(r["latency_ms"].get("cuda_b128") for r in rows) else "cpu1"
     points = [(r["latency_ms"].get(key), r["test_top1"], r) for r in rows if r["latency_ms"].get(key)]
     if not points:
         return False

@@ -5,7 +5,7 @@ edges (M = WW^T + rho I, inverted by block elimination), the random walk (dense 
 iteration above) and the LIS eigenvalues, timed separately (median of --repeat runs), for the exact spec and the
 scale-invariant variant (rw_normalize). Then the whole method's scoring of every group of the ResNet-20 example.
 
-    python benchmarks/graph_rw_scoring_time.py --out benchmarks/results [--sizes 16,32,...] [--repeat 3]
+    OPENBLAS_NUM_THREADS=1 python benchmarks/graph_rw_scoring_time.py --out benchmarks/results [--sizes 16,32,...] [--repeat 3]
 
 Writes graph_rw_scoring_time.{md,json} into --out.
 """
@@ -70,9 +70,9 @@ def time_model(path: Path, repeat: int) -> dict:
 def markdown(record: dict) -> str:
     lines = ["# graph-rw: scoring time vs number of filters (CPU)", "",
              f"Command: `{record['command']}`", "",
-             f"Machine: {record['machine']}; numpy {record['numpy']}; {record['date']}. The development machine is "
-             "shared (2 cores, other jobs running): times are medians of "
-             f"{record['repeat']} runs and indicative.", "",
+             f"Machine: {record['machine']}; numpy {record['numpy']}; BLAS threads {record['blas_threads']}; "
+             f"{record['date']}. The development machine is shared (2 cores, other jobs running; one BLAS thread keeps "
+             f"idle threads from spinning against them): times are medians of {record['repeat']} runs.", "",
              "One group of n filters of a 3x3 conv with n input channels (W: n x 9n). Edges: ridge leave-one-out "
              "regression (O(n^2 d + n^3)); walk: dense solve up to 128 filters, power iteration above (O(n^2) per "
              "step); LIS: eigenvalues of the symmetrized edge matrix (O(n^3)).", "",
@@ -105,10 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     for n in (int(v) for v in args.sizes.split(",")):
         groups.append(time_group(n, args.repeat))
         print(f"{n} filters: {groups[-1]['total_s']:.4f} s", file=sys.stderr, flush=True)
-    record = {"command": "python " + " ".join(["benchmarks/graph_rw_scoring_time.py", *(argv or sys.argv[1:])]),
+    threads = os.environ.get("OPENBLAS_NUM_THREADS")
+    record = {"command": (f"OPENBLAS_NUM_THREADS={threads} " if threads else "") + "python " + " ".join(["benchmarks/graph_rw_scoring_time.py", *(argv or sys.argv[1:])]),
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
               "numpy": np.__version__, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-              "repeat": args.repeat, "groups": groups,
+              "repeat": args.repeat, "groups": groups, "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
               "model": time_model(Path(args.model), args.repeat) if Path(args.model).is_file() else None}
     (out / "graph_rw_scoring_time.json").write_text(json.dumps(record, indent=2) + "\n")
     (out / "graph_rw_scoring_time.md").write_text(markdown(record))

@@ -55,7 +55,9 @@ def test_table_and_pareto_plot(tmp_path):
     assert "| -0.50 | -0.70 |" in line and "| 2.00 |" in line and "| yes |" in line
     assert "`compress train -o gsm`" in text
     assert rows.pareto_plot(table, tmp_path / "p.png") and (tmp_path / "p.png").stat().st_size > 1000
-    assert not rows.pareto_plot([fake_row("gsm", 90.0, None)], tmp_path / "none.png")
+    none = fake_row("gsm", 90.0, None)
+    none["latency_ms"]["cpu1"] = None
+    assert not rows.pareto_plot([none], tmp_path / "none.png")
 
 
 def test_slim_models_are_packed_in_parts(tmp_path, monkeypatch):
