@@ -2,10 +2,12 @@
 benchmarks/accuracy_rows.py), run as parallel processes on the one GPU (each with the data resident on it), each
 writing its JSON as soon as it finishes; a time guard stops cleanly and keeps what finished.
 
-  stage-a  the strong baseline (83 epochs from the published checkpoint; or --baseline PT), then every row from it in
-           parallel (latency-aware rows first, alone while they profile), as many as fit in --time-limit.
+  stage-a  the strong baseline (83 epochs from the published checkpoint; or --baseline PT: evaluated and exported),
+           alone, then the rows from it in parallel, in priority order, as many as fit in --time-limit (latency-aware
+           rows are left for stage B, whose GPU is quiet at the start while they measure their latency tables).
            $OUT: rows_a.json, log_a.txt, logs_a.tar.gz, baseline.pt, slim_a_N.tar (the rows' slim ONNX).
-  stage-b  --from DIR (stage A's files, carried): the rows that did not fit, then ONNX Runtime latency of every slim
+  stage-b  --from DIR (stage A's files, carried): the rows that did not fit (latency-aware first, each alone until its
+           plan is made; only those of the first one's target), then ONNX Runtime latency of every slim
            ONNX (baseline first, interleaved; cuda b1 + b128 with the CUDA EP, cpu:1 b1), the table and the plot.
            $OUT: accuracy_at_speed.{json,md,png}, rows_b.json, log_b.txt, logs_b.tar.gz.
   report   --from DIR: rebuild accuracy_at_speed.{md,png} from accuracy_at_speed.json (here, after the GPU runs).
@@ -134,7 +136,8 @@ class Pool:
     call; rows still running at the deadline are stopped and reported as cut.
     """
 
-    STARTUP = 30.0  # seconds of a row before its first epoch (data decoding, CUDA context) and after its last (export)
+    STARTUP = 30.0  # seconds of a row before its first epoch (data decoding, CUDA context, evaluation)
+    EXPORT = 20.0  # seconds after its last epoch (evaluation, export, slimming, checks)
 
     def __init__(self, args, work: Path, log: Log, deadline: float, on_row):
         self.args, self.work, self.log, self.deadline, self.on_row = args, work, log, deadline, on_row
@@ -143,9 +146,10 @@ class Pool:
         self.alone_epoch: float | None = None
 
     def epoch_seconds(self) -> float:
-        """Seconds per epoch now: the slowest latest epoch line among the running rows, else a guess."""
+        """Seconds per epoch now: the slowest latest epoch line among the running rows, else a guess from the
+        baseline's epoch alone (batch 256; the rows' batch 512 epochs are shorter) and the rows starting."""
         seen = [e[2] for p in self.running if (e := p.last_epoch())]
-        return max(seen) if seen else (self.alone_epoch or 2.5) * max(2.0, len(self.running) / 2.0)
+        return max(seen) if seen else (self.alone_epoch or 2.5) * (1.0 + 0.25 * len(self.running))
 
     def remaining_epochs(self, proc: Proc) -> float:
         """Epochs `proc` still has to train: from its fine-tune epoch lines, or from its time running."""
@@ -158,10 +162,10 @@ class Pool:
     def fits(self, row: Row) -> bool:
         """Whether `row` and every running row would still finish if `row` joined them now."""
         n = len(self.running)
-        slower = (n + 1) / n if n else 1.0
-        epoch = self.epoch_seconds() * slower
+        observed = any(p.last_epoch() for p in self.running)
+        epoch = self.epoch_seconds() * ((n + 1) / n if observed else 1.0)
         need = max([self.remaining_epochs(p) for p in self.running] + [self.args.epochs + row.extra_epochs]) * epoch
-        return time.monotonic() + need + 2 * self.STARTUP <= self.deadline
+        return time.monotonic() + need + self.STARTUP + self.EXPORT <= self.deadline
 
     def settled(self) -> bool:
         """Every running row shows its pace (an epoch line, or a minute of running)."""
@@ -190,14 +194,15 @@ class Pool:
         while time.monotonic() < until and proc.handle.poll() is None and not any(text in line for line in proc.lines()):
             time.sleep(2)
 
-    def run(self, rows: list[Row], argv_of) -> None:
+    def run(self, rows: list[Row], argv_of, plan_latency: bool = True) -> None:
         """Latency-planning rows first (each alone until its plan is made), then the others in priority order.
         Only the latency rows of the first one's plan run here (they share its measured latency table, cached on this
         machine); rows planning for another target are left for the next call, which starts on a quiet GPU."""
         planning = [r for r in rows if r.plans_latency]
-        later = [r for r in planning if r.options != planning[0].options]
+        later = [r for r in planning if not plan_latency or r.options != planning[0].options]
         for row in later:
-            self.skipped[row.name] = "latency plan for another target: left for the next call"
+            self.skipped[row.name] = ("latency plan for another target: left for the next call" if plan_latency else
+                                      "latency-aware rows plan at the start of stage B, on a quiet GPU")
         queue = sorted((r for r in rows if r not in later), key=lambda r: not r.plans_latency)
         first_batch = True
         while queue or self.running:
@@ -286,43 +291,37 @@ def stage_a(args: argparse.Namespace, out: Path, work: Path, log: Log) -> dict:
         packed["rows"].append(row_summary(name, metrics, args.epochs))
         write_json(rows_path, packed)
 
-    baseline = args.baseline
     pool = Pool(args, work, log, deadline, on_row)
-    if baseline is None:
-        published = sorted(Path(args.models).rglob("resnet56-*.th"))
+    if args.baseline is None:  # the strong recipe from the published checkpoint
+        published = sorted(Path(args.models or ".").rglob("resnet56-*.th"))
         if not published:
             raise SystemExit(f"no resnet56-*.th under {args.models}")
-        argv = baseline_argv(str(published[0]), str(work / BASELINE), args.baseline_epochs, args.data, args.device, args.limit)
-        proc = Proc(BASELINE, argv, work, log, args.baseline_epochs)
-        pool.running.append(proc)
-        while pool.running and time.monotonic() < deadline:
-            time.sleep(3)
-            pool.poll()
-        if not (work / f"{BASELINE}.pt").is_file() or pool.running:
-            pool.run([], None)
-            packed["skipped"] = pool.skipped
-            write_json(rows_path, packed)
-            raise SystemExit("the baseline did not finish: nothing else can run")
-        history = json.loads((work / f"{BASELINE}.json").read_text())["history"]
-        pool.alone_epoch = sorted(h["seconds"] for h in history)[len(history) // 2]
+        argv, epochs = baseline_argv(str(published[0]), str(work / BASELINE), args.baseline_epochs, args.data,
+                                     args.device, args.limit), args.baseline_epochs
         baseline = str(work / f"{BASELINE}.pt")
-    else:
-        shutil.copy(baseline, work / "baseline-init.pt")
+    else:  # a given baseline: evaluated, exported and slimmed (its row and its ONNX for timing)
+        shutil.copy(args.baseline, work / "baseline-init.pt")
         baseline = str(work / "baseline-init.pt")
-        pool.running.append(Proc(BASELINE, args_eval_only(baseline, args, work), work, log, 0))
+        argv, epochs = baseline_argv(baseline, str(work / BASELINE), 0, args.data, args.device, args.limit), 0
+    pool.running.append(Proc(BASELINE, argv, work, log, epochs))
+    while pool.running and time.monotonic() < deadline:  # alone on the GPU
+        time.sleep(3)
+        pool.poll()
+    if not (work / f"{BASELINE}.json").is_file():
+        pool.run([], None)
+        packed["skipped"] = pool.skipped
+        write_json(rows_path, packed)
+        raise SystemExit("the baseline did not finish: nothing else can run")
+    history = json.loads((work / f"{BASELINE}.json").read_text())["history"]
+    pool.alone_epoch = sorted(h["seconds"] for h in history)[len(history) // 2] if history else None
     shutil.copy(baseline, out / "baseline.pt")
     pool.run(chosen_rows(args), lambda row: row_argv(row, baseline, str(work / row.name), args.epochs, args.data,
-                                                      args.device, args.limit, args.latency_device))
+                                                      args.device, args.limit, args.latency_device), plan_latency=False)
     packed["skipped"] = pool.skipped
     packed["slim_parts"] = pack_slim_models({r["name"]: r for r in packed["rows"]}, work, out, "slim_a")
     write_json(rows_path, packed)
     pack_logs(work, out, "logs_a.tar.gz")
     return packed
-
-
-def args_eval_only(baseline: str, args: argparse.Namespace, work: Path) -> list[str]:
-    """Zero epochs from a given baseline: evaluate, export and slim it (its row and its ONNX for timing)."""
-    return baseline_argv(baseline, str(work / BASELINE), 0, args.data, args.device, args.limit)
 
 
 def stage_b(args: argparse.Namespace, out: Path, work: Path, log: Log) -> dict:
