@@ -16,6 +16,7 @@ import onnx
 from compressor import methods
 from compressor.analysis import Analysis, analyze
 from compressor.cost import ModelCost, view_cost
+from compressor.deploy.precision import PrecisionOptions, check_precision_request, convert_precision
 from compressor.errors import CompressorError, VerificationError
 from compressor.graph import GraphView
 from compressor.latency import check_latency, flag_note, plan_for_latency, resolve_request
@@ -106,7 +107,8 @@ def compress(model, method: str = "l1", ratio: float | None = 0.5, *, target: st
              min_channels: int = 1, exclude=(), seed: int = 0, input_shapes: dict[str, list[int]] | None = None,
              verify: bool = True, method_options: dict | None = None, progress: Progress | None = None,
              device: str | None = None, batch: int | None = None, latency_ms: float | None = None,
-             profile_budget: float | None = None) -> CompressResult:
+             profile_budget: float | None = None, precision: str = "fp32", precision_calib=None,
+             precision_options: PrecisionOptions | None = None) -> CompressResult:
     """Compress `model` (a path or an onnx.ModelProto) with a registered method.
 
     ratio is the fraction of `target` (macs or params) to remove; `zeros` ignores it. Raises CompressorError on
@@ -114,11 +116,14 @@ def compress(model, method: str = "l1", ratio: float | None = 0.5, *, target: st
     target="latency" removes `ratio` of the latency measured on `device` (cuda[:N] or cpu:T) at `batch`, or meets
     `latency_ms` (which wins over ratio); `profile_budget` bounds the profiling seconds. The method supplies the
     importance, compressor.latency the cost; the report's "latency" section holds predicted vs measured latency.
+    precision="fp16"|"int8" converts the verified fp32 result (compressor.deploy.precision; int8 needs
+    `precision_calib`: a .npy/.npz path or an iterable of feed dicts) and reports its agreement with fp32.
     """
     start = time.perf_counter()
     timings: dict[str, float] = {}
     plan_fn = methods.get(method)
     latency = resolve_request(target, ratio, device, batch, latency_ms, profile_budget)
+    check_precision_request(precision, precision_calib is not None)
     options = PlanOptions(ratio, target, round_to, min_channels, tuple(exclude or ()), seed, dict(method_options or {}))
     if latency is None:
         options.validate(needs_ratio=method != "zeros")
@@ -150,6 +155,11 @@ def compress(model, method: str = "l1", ratio: float | None = 0.5, *, target: st
             report["latency"] = {**planned.info, **check_latency(analysis.proto, result, planned, latency,
                                                                  analysis.input_shapes)}
             report["notes"] += [n for n in [flag_note(report["latency"])] if n]
+    if precision != "fp32":
+        with _stage(timings, f"precision {precision}", progress):
+            stage_options = replace(precision_options or PrecisionOptions(), input_shapes=analysis.input_shapes)
+            result, report["precision"] = convert_precision(result, precision, precision_calib, stage_options)
+        report["bytes_after"] = result.ByteSize()
     report["seconds"] = round(time.perf_counter() - start, 3)
     report["stage_seconds"] = timings
     return CompressResult(result, report, plan, analysis, timings)

@@ -7,8 +7,9 @@ import onnx
 from compressor.errors import CompressorError
 
 
-def cpu_session(proto: onnx.ModelProto, threads: int = 0):
-    """An ONNX Runtime CPU session for an in-memory model."""
+def cpu_session(proto: onnx.ModelProto, threads: int = 0, full_optimization: bool = False):
+    """An ONNX Runtime CPU session for an in-memory model (basic graph optimizations; all of them, e.g. the int8
+    QDQ fusions a deployment runs, with `full_optimization`)."""
     try:
         import onnxruntime as ort
     except ImportError as exc:
@@ -17,7 +18,8 @@ def cpu_session(proto: onnx.ModelProto, threads: int = 0):
         ) from exc
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if full_optimization
+                                        else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
     if threads:
         options.intra_op_num_threads = threads
     try:
