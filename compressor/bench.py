@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 
 from compressor.bench_report import BenchReport, Measurement, ModelInfo, capture_environment
+from compressor.deploy.precision import model_precision
 from compressor.errors import CompressorError
 
 ModelRef = Union[str, os.PathLike, onnx.ModelProto]
@@ -34,20 +35,31 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "te
 IO_DEVICE = {"cuda": "cuda", "tensorrt": "cuda"}
 
 _TARGET_PATTERN = re.compile(r"^(cpu|cuda|tensorrt)(?::(\d+))?$")
+# Execution provider options a target may set (`cuda,prefer_nhwc=1,use_tf32=0`); CUDA graphs have --cuda-graph.
+PROVIDER_OPTIONS = {
+    "cuda": {"prefer_nhwc", "use_tf32", "cudnn_conv_algo_search", "cudnn_conv_use_max_workspace",
+             "cudnn_conv1d_pad_to_nc1d", "do_copy_in_default_stream"},
+    "tensorrt": {"trt_fp16_enable", "trt_int8_enable", "trt_engine_cache_enable", "trt_engine_cache_path",
+                 "trt_builder_optimization_level", "trt_max_workspace_size"},
+    "cpu": set(),
+}
 
 
 @dataclass(frozen=True)
 class Target:
-    """Where a model runs: `kind` cpu|cuda|tensorrt, the GPU `device_id`, or the CPU intra-op `threads`."""
+    """Where a model runs: `kind` cpu|cuda|tensorrt, the GPU `device_id`, or the CPU intra-op `threads`, and the
+    provider `options` that differ from the defaults (they are part of the label, so one run can compare them)."""
 
     kind: str
     device_id: int = 0
     threads: int | None = None
+    options: tuple[tuple[str, str], ...] = ()
 
     @property
     def label(self) -> str:
-        """Canonical spelling, e.g. cuda:0, cpu:4, tensorrt:0."""
-        return f"cpu:{self.threads}" if self.kind == "cpu" else f"{self.kind}:{self.device_id}"
+        """Canonical spelling, e.g. cuda:0, cpu:4, tensorrt:0, cuda:0,prefer_nhwc=1."""
+        base = f"cpu:{self.threads}" if self.kind == "cpu" else f"{self.kind}:{self.device_id}"
+        return ",".join([base, *(f"{key}={value}" for key, value in self.options)])
 
     @property
     def provider(self) -> str:
@@ -64,17 +76,25 @@ class Target:
 
 
 def parse_target(text: str) -> Target:
-    """Parse `cuda`, `cuda:N`, `cpu:T` (T >= 1 intra-op threads), `tensorrt` or `tensorrt:N` into a Target."""
-    spelled = str(text).strip().lower()
-    match = _TARGET_PATTERN.match(spelled)
+    """Parse `cuda`, `cuda:N`, `cpu:T` (T >= 1 intra-op threads), `tensorrt` or `tensorrt:N` into a Target, with
+    optional provider options after commas: `cuda,prefer_nhwc=1,use_tf32=0`."""
+    spelled, *settings = [part.strip() for part in str(text).strip().split(",")]
+    match = _TARGET_PATTERN.match(spelled.lower())
     if not match:
         raise CompressorError(f"bad target '{text}': use cuda, cuda:N, cpu:T (T threads, e.g. cpu:1) or tensorrt")
     kind, number = match.group(1), match.group(2)
+    options = []
+    for setting in settings:
+        key, sep, value = setting.partition("=")
+        if not sep or key not in PROVIDER_OPTIONS[kind]:
+            allowed = ", ".join(sorted(PROVIDER_OPTIONS[kind])) or "none"
+            raise CompressorError(f"bad target option '{setting}' for {kind} (KEY=VALUE with KEY one of: {allowed})")
+        options.append((key, value))
     if kind == "cpu":
         if number is None or int(number) < 1:
             raise CompressorError(f"bad target '{text}': a CPU target needs a thread count of at least 1, e.g. cpu:1 or cpu:4")
         return Target("cpu", threads=int(number))
-    return Target(kind, device_id=int(number or 0))
+    return Target(kind, device_id=int(number or 0), options=tuple(options))
 
 
 def default_targets() -> list[Target]:
@@ -96,8 +116,13 @@ class InputSpec:
 
 def read_graph_inputs(model: ModelRef) -> list[onnx.ValueInfoProto]:
     """The fed inputs of a model path or proto, without loading external weights; CompressorError when unreadable."""
+    return graph_inputs(read_model_header(model))
+
+
+def read_model_header(model: ModelRef) -> onnx.ModelProto:
+    """The model without its external weights (a proto is returned as is); CompressorError when unreadable."""
     if isinstance(model, onnx.ModelProto):
-        return graph_inputs(model)
+        return model
     path = Path(model)
     if not path.is_file():
         raise CompressorError(f"model file not found: {path}")
@@ -107,7 +132,7 @@ def read_graph_inputs(model: ModelRef) -> list[onnx.ValueInfoProto]:
         raise CompressorError(f"cannot read ONNX model {path}: {str(exc).strip()[:200] or type(exc).__name__}") from exc
     if not proto.graph.node:
         raise CompressorError(f"{path} is not an ONNX model (no graph nodes)")
-    return graph_inputs(proto)
+    return proto
 
 
 def input_specs(model: onnx.ModelProto, batch: int | None, input_shapes: dict[str, list[int]] | None = None) -> list[InputSpec]:
@@ -195,9 +220,10 @@ def execution_providers(target: Target, cuda_graph: bool = False) -> list[tuple[
         "enable_cuda_graph": "1" if cuda_graph else "0",
     }
     if target.kind == "tensorrt":
-        trt = {"device_id": str(target.device_id), "trt_cuda_graph_enable": "1" if cuda_graph else "0"}
+        trt = {"device_id": str(target.device_id), "trt_cuda_graph_enable": "1" if cuda_graph else "0",
+               **dict(target.options)}
         return [("TensorrtExecutionProvider", trt), ("CUDAExecutionProvider", cuda)]
-    return [("CUDAExecutionProvider", cuda)]
+    return [("CUDAExecutionProvider", {**cuda, **dict(target.options)})]
 
 
 def check_provider_available(target: Target) -> None:
@@ -680,7 +706,8 @@ def _prepare_jobs(models: list[ModelRef], names: list[str] | None, input_shapes:
         raise CompressorError(f"{len(names)} names given for {len(models)} models")
     jobs = []
     for index, (model, name) in enumerate(zip(models, names)):
-        inputs = read_graph_inputs(model)
+        header = read_model_header(model)
+        inputs = graph_inputs(header)
         macs, params = _model_cost(model, _specs_from_inputs(inputs, None, input_shapes)) if with_cost else (None, None)
         if isinstance(model, onnx.ModelProto):
             path = os.path.join(scratch, f"model{index}.onnx")
@@ -688,7 +715,8 @@ def _prepare_jobs(models: list[ModelRef], names: list[str] | None, input_shapes:
             file_bytes, shown_path = os.path.getsize(path), None
         else:
             path, file_bytes, shown_path = str(model), os.path.getsize(model), str(model)
-        info = ModelInfo(index=index, name=name, path=shown_path, file_bytes=file_bytes, macs=macs, params=params)
+        info = ModelInfo(index=index, name=name, path=shown_path, file_bytes=file_bytes, macs=macs, params=params,
+                         precision=model_precision(header))
         jobs.append(_Job(index, info, inputs, path))
     return jobs
 
@@ -734,7 +762,7 @@ def _measurement(job: _Job, target: Target, batch: int, specs: list[InputSpec], 
         round_medians_ms=[float(np.median(chunk)) for chunk in rounds_ms], session_create_s=handle.opened.create_s,
         first_run_s=handle.opened.first_run_s,
         memory=memory, file_bytes=job.info.file_bytes, macs=job.info.macs, params=job.info.params,
-        cuda_graph=cuda_graph and target.on_gpu, pinned_cores=handle.opened.pinned_cores,
+        cuda_graph=cuda_graph and target.on_gpu, pinned_cores=handle.opened.pinned_cores, precision=job.info.precision,
     )
 
 
