@@ -26,7 +26,7 @@ def triton(
     """Write REPO/NAME/config.pbtxt and REPO/NAME/VERSION/model.onnx, validated and loaded back before they land."""
     from cli.common import fail
     from compressor.deploy.triton_config import TritonSettings
-    from compressor.deploy.triton_repo import check_repository_target, write_triton_repository
+    from compressor.deploy.triton_repo import check_repository_target, uses_external_data, write_triton_repository
     from compressor.loading import parse_input_shapes
 
     name = name or model.stem
@@ -42,6 +42,7 @@ def triton(
     if not proto.graph.node:
         fail(f"{model} is not an ONNX model (no graph nodes)")
     settings = TritonSettings(max_batch_size, dynamic_batching, instances, kind, trt_fp16)
-    staged = write_triton_repository(proto, repo, name, version, settings, parse_input_shapes(input_shape) or None)
+    staged = write_triton_repository(proto, repo, name, version, settings, parse_input_shapes(input_shape) or None,
+                                     external_data=uses_external_data(model))
     typer.echo(f"wrote {staged.model_dir}/config.pbtxt and {staged.model_dir}/{version}/model.onnx "
                f"(validated; ran with ONNX Runtime at {staged.run_shapes})")

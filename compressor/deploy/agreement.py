@@ -51,9 +51,11 @@ def compare_models(reference: onnx.ModelProto, converted: onnx.ModelProto, feeds
     names = [o.name for o in ref_session.get_outputs()]
     ref_out: dict[str, list[np.ndarray]] = {n: [] for n in names}
     new_out: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    new_types = {i.name: np.float16 if i.type == "tensor(float16)" else None for i in new_session.get_inputs()}
     samples = 0
     for feed in feeds:
-        for name, a, b in zip(names, ref_session.run(names, feed), new_session.run(names, feed)):
+        cast = {k: v.astype(new_types[k]) if new_types.get(k) else v for k, v in feed.items()}  # fp16 inputs
+        for name, a, b in zip(names, ref_session.run(names, feed), new_session.run(names, cast)):
             ref_out[name].append(np.asarray(a, dtype=np.float64))
             new_out[name].append(np.asarray(b, dtype=np.float64))
         samples += len(next(iter(feed.values())))

@@ -77,10 +77,11 @@ class StagedModel:
 
 def stage_triton_model(model: onnx.ModelProto, repo: Path, name: str, version: int = 1,
                        settings: TritonSettings = TritonSettings(),
-                       input_shapes: dict[str, list[int]] | None = None) -> StagedModel:
+                       input_shapes: dict[str, list[int]] | None = None, external_data: bool = False) -> StagedModel:
     """Build, write and validate one model folder in a staging directory next to the repository.
 
-    `input_shapes` fills dynamic dims other than the batch for the load-back run (default 1).
+    `input_shapes` fills dynamic dims other than the batch for the load-back run (default 1); `external_data` writes
+    the weights to a data file (always done for models over the protobuf limit).
     """
     repo = Path(repo)
     check_repository_target(repo, name, version)
@@ -95,7 +96,7 @@ def stage_triton_model(model: onnx.ModelProto, repo: Path, name: str, version: i
         folder = staging / "model"
         (folder / str(version)).mkdir(parents=True)
         (folder / "config.pbtxt").write_text(text)
-        model_path = _write_model(model, folder / str(version))
+        model_path = _write_model(model, folder / str(version), external_data)
         validate_config_text((folder / "config.pbtxt").read_text(), name, onnx.load(str(model_path), load_external_data=False))
         shapes = load_and_run(model_path, config, input_shapes)
     except Exception as exc:
@@ -108,17 +109,23 @@ def stage_triton_model(model: onnx.ModelProto, repo: Path, name: str, version: i
 
 def write_triton_repository(model: onnx.ModelProto, repo: Path, name: str, version: int = 1,
                             settings: TritonSettings = TritonSettings(),
-                            input_shapes: dict[str, list[int]] | None = None) -> StagedModel:
+                            input_shapes: dict[str, list[int]] | None = None, external_data: bool = False) -> StagedModel:
     """Stage, validate and commit one model into a Triton repository; returns the committed StagedModel record."""
-    staged = stage_triton_model(model, repo, name, version, settings, input_shapes)
+    staged = stage_triton_model(model, repo, name, version, settings, input_shapes, external_data)
     staged.commit()
     return staged
 
 
-def _write_model(model: onnx.ModelProto, version_dir: Path) -> Path:
-    """model.onnx, or model.onnx/ with model.onnx and model.onnx.data for models over the protobuf size limit."""
-    external = any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer)
-    if external or model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+def uses_external_data(path: Path) -> bool:
+    """Whether the model file keeps weights in an external data file."""
+    header = onnx.load(str(path), load_external_data=False)
+    return any(init.data_location == onnx.TensorProto.EXTERNAL for init in header.graph.initializer)
+
+
+def _write_model(model: onnx.ModelProto, version_dir: Path, external_data: bool) -> Path:
+    """model.onnx, or model.onnx/ with model.onnx and model.onnx.data (external data asked for, or a model over the
+    protobuf size limit)."""
+    if external_data or model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
         folder = version_dir / "model.onnx"
         folder.mkdir()
         path = folder / "model.onnx"
