@@ -56,7 +56,10 @@ def model_config_module():
         raise CompressorError(f"tritonclient has no grpc/model_config_pb2.py at {path.parent}")
     loaded = importlib.util.spec_from_file_location("tritonclient_model_config_pb2", path)
     module = importlib.util.module_from_spec(loaded)
-    loaded.loader.exec_module(module)
+    try:
+        loaded.loader.exec_module(module)
+    except Exception as exc:  # noqa: BLE001 - protobuf's runtime version check raises its own type
+        raise CompressorError(f"tritonclient's model_config_pb2 does not load with this protobuf: {exc}") from exc
     return module
 
 
