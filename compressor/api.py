@@ -122,8 +122,8 @@ def compress(model, method: str = "l1", ratio: float | None = 0.5, *, target: st
     start = time.perf_counter()
     timings: dict[str, float] = {}
     plan_fn = methods.get(method)
-    latency = resolve_request(target, ratio, device, batch, latency_ms, profile_budget)
     check_precision_request(precision, precision_calib is not None)
+    latency = resolve_request(target, ratio, device, batch, latency_ms, profile_budget, precision=precision)
     options = PlanOptions(ratio, target, round_to, min_channels, tuple(exclude or ()), seed, dict(method_options or {}))
     if latency is None:
         options.validate(needs_ratio=method != "zeros")

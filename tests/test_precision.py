@@ -195,3 +195,58 @@ def test_target_provider_options_are_parsed_labelled_and_validated():
         parse_target("cuda,enable_cuda_graph=1")
     with pytest.raises(CompressorError, match="bad target option"):
         parse_target("cpu:1,prefer_nhwc=1")
+
+
+# ------------------------------------------------------------------------------------ latency tables know fp16
+def test_latency_tables_are_timed_in_fp16_and_cached_apart_from_fp32(tmp_path, monkeypatch):
+    import compressor
+    from compressor.latency import ProfileSettings, table
+    from compressor.latency.cache import LatencyCache
+
+    monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path / "cache"))
+    timed = []
+    real = table.measure_ms
+
+    def recording(model, target, batch, settings, calibration=False, input_shapes=None):
+        inputs = {i.type.tensor_type.elem_type for i in model.graph.input}
+        weights = {init.data_type for init in model.graph.initializer if len(init.dims) == 4}
+        timed.append((calibration, inputs, weights))
+        return real(model, target, batch, settings, calibration, input_shapes)
+
+    monkeypatch.setattr(table, "measure_ms", recording)
+    import compressor.bench
+
+    paired, real_bench = [], compressor.bench.run_benchmark
+
+    def recording_bench(models, *args, **kwargs):
+        paired.append([model_precision(m) for m in models])
+        return real_bench(models, *args, **kwargs)
+
+    monkeypatch.setattr(compressor.bench, "run_benchmark", recording_bench)
+    fast = ProfileSettings(warmup=1, min_runs=2, max_runs=3, seconds_per_point=0.001, calibration_runs=3,
+                           calibration_seconds=0.01, check_warmup=1, check_runs=3, loop_iterations=0)
+    monkeypatch.setattr("compressor.latency.request.ProfileSettings", lambda: fast)
+    result = compressor.compress(small_classifier(), "l1", 0.5, target="latency", device="cpu:1", precision="fp16",
+                                 profile_budget=5.0)
+    assert result.report["precision"]["precision"] == "fp16" and model_precision(result.model) == "fp16"
+    assert result.report["latency"]["table"]["context"]["precision"] == "fp16"
+    micro = [entry for entry in timed if not entry[0]]
+    network = [entry for entry in timed if entry[0]]
+    assert micro and network
+    fp16, fp32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+    assert all(inputs == {fp16} for _, inputs, _ in micro)  # layers inside an fp16 network: fp16 throughout
+    assert all(inputs == {fp32} and weights <= {fp16} for _, inputs, weights in network)  # deployed: fp32 I/O
+    assert any(weights == {fp16} for _, _, weights in micro)
+    assert paired == [["fp16", "fp16"]]  # the check times original and result converted, side by side
+    # the fp32 context has its own cache file: nothing measured in fp16 is reused for fp32
+    fp16_cache = Path(result.report["latency"]["table"]["cache"])
+    assert "fp16" in fp16_cache.name and fp16_cache.is_file()
+    timed.clear()
+    compressor.compress(small_classifier(), "l1", 0.5, target="latency", device="cpu:1", profile_budget=5.0)
+    assert timed and all(inputs == {fp32} for _, inputs, _ in timed)
+
+
+def test_latency_target_refuses_int8():
+    with pytest.raises(CompressorError, match="int8 latency tables"):
+        compress(small_classifier(), "l1", 0.5, target="latency", device="cpu:1", precision="int8",
+                 precision_calib=[{"x": np.zeros((1, 4, 8, 8), np.float32)}])

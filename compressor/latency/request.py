@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from compressor.errors import CompressorError
 
 LATENCY_TARGET = "latency"
+LATENCY_PRECISIONS = ("fp32", "fp16")
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class LatencyRequest:
     profile_budget_s: float | None = None
     cache_dir: str | os.PathLike | None = None
     settings: ProfileSettings = field(default_factory=ProfileSettings)
+    precision: str = "fp32"  # fp16: tables, network and candidates are timed as converted fp16 models
 
     @property
     def copies(self) -> int:
@@ -63,14 +65,15 @@ class LatencyRequest:
     def to_dict(self) -> dict:
         """JSON-ready form for reports."""
         return {"device": self.target.label, "batch": self.batch, "ratio": None if self.latency_ms else self.ratio,
-                "latency_ms": self.latency_ms, "profile_budget_s": self.profile_budget_s}
+                "latency_ms": self.latency_ms, "profile_budget_s": self.profile_budget_s, "precision": self.precision}
 
 
 def resolve_request(target: str, ratio: float | None, device: str | None, batch: int | None, latency_ms: float | None,
-                    profile_budget: float | None, cache_dir=None, settings: ProfileSettings | None = None
-                    ) -> LatencyRequest | None:
+                    profile_budget: float | None, cache_dir=None, settings: ProfileSettings | None = None,
+                    precision: str = "fp32") -> LatencyRequest | None:
     """The LatencyRequest for target 'latency' (None for other targets); CompressorError for bad or misplaced
-    options. device defaults to cuda when this onnxruntime has it, else cpu:1; batch defaults to 1."""
+    options. device defaults to cuda when this onnxruntime has it, else cpu:1; batch defaults to 1; precision is
+    the deployed one (fp32 or fp16: the latency tables are timed in it)."""
     from compressor.bench import check_provider_available, default_targets, parse_target
 
     from compressor.plan import TARGETS
@@ -83,6 +86,9 @@ def resolve_request(target: str, ratio: float | None, device: str | None, batch:
         if given:
             raise CompressorError(f"{', '.join(given)} only apply with --target latency (got --target {target})")
         return None
+    if precision not in LATENCY_PRECISIONS:
+        raise CompressorError(f"--target latency measures fp32 or fp16 models, not {precision} (int8 latency tables "
+                              "are not built yet: use --target macs with --precision int8)")
     parsed = parse_target(device) if device is not None else default_targets()[0]
     if parsed.kind not in ("cuda", "cpu"):
         raise CompressorError(f"--target latency profiles on cuda[:N] or cpu:T, not '{parsed.label}'")
@@ -99,4 +105,4 @@ def resolve_request(target: str, ratio: float | None, device: str | None, batch:
         raise CompressorError(f"--profile-budget must be a positive number of seconds, got {profile_budget}")
     return LatencyRequest(parsed, batch, ratio, None if latency_ms is None else float(latency_ms),
                           None if profile_budget is None else float(profile_budget), cache_dir,
-                          settings or ProfileSettings())
+                          settings or ProfileSettings(), precision)
