@@ -250,3 +250,17 @@ def test_latency_target_refuses_int8():
     with pytest.raises(CompressorError, match="int8 latency tables"):
         compress(small_classifier(), "l1", 0.5, target="latency", device="cpu:1", precision="int8",
                  precision_calib=[{"x": np.zeros((1, 4, 8, 8), np.float32)}])
+
+
+def test_a_calibration_set_with_batches_feeds_int8(resnet20_slim):
+    class CalibrationSetLike:  # the recovery work's CalibrationSet exposes batches(batch_size) -> feed dicts
+        def __init__(self, images):
+            self.images = images
+
+        def batches(self, batch_size):
+            for start in range(0, len(self.images), batch_size):
+                yield {"input": self.images[start:start + batch_size].astype(np.float64)}  # cast to float32 on use
+
+    model, report = convert_precision(resnet20_slim.model, "int8", CalibrationSetLike(calibration(40)),
+                                      PrecisionOptions(calib_batch=16))
+    assert report["calibration_samples"] == 40 and report["samples"] == 40 and model_precision(model) == "int8"
