@@ -20,6 +20,7 @@ from compressor.deploy.precision import PrecisionOptions, check_precision_reques
 from compressor.errors import CompressorError, VerificationError
 from compressor.graph import GraphView
 from compressor.latency import check_latency, flag_note, plan_for_latency, resolve_request
+from compressor.latency.request import in_precision
 from compressor.plan import Plan, PlanOptions
 from compressor.shapes import infer_shapes
 from compressor.surgery import apply_plan, zeroed_reference
@@ -123,7 +124,7 @@ def compress(model, method: str = "l1", ratio: float | None = 0.5, *, target: st
     timings: dict[str, float] = {}
     plan_fn = methods.get(method)
     check_precision_request(precision, precision_calib is not None)
-    latency = resolve_request(target, ratio, device, batch, latency_ms, profile_budget, precision=precision)
+    latency = in_precision(resolve_request(target, ratio, device, batch, latency_ms, profile_budget), precision)
     options = PlanOptions(ratio, target, round_to, min_channels, tuple(exclude or ()), seed, dict(method_options or {}))
     if latency is None:
         options.validate(needs_ratio=method != "zeros")

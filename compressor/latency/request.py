@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from compressor.errors import CompressorError
 
@@ -69,11 +69,10 @@ class LatencyRequest:
 
 
 def resolve_request(target: str, ratio: float | None, device: str | None, batch: int | None, latency_ms: float | None,
-                    profile_budget: float | None, cache_dir=None, settings: ProfileSettings | None = None,
-                    precision: str = "fp32") -> LatencyRequest | None:
+                    profile_budget: float | None, cache_dir=None, settings: ProfileSettings | None = None
+                    ) -> LatencyRequest | None:
     """The LatencyRequest for target 'latency' (None for other targets); CompressorError for bad or misplaced
-    options. device defaults to cuda when this onnxruntime has it, else cpu:1; batch defaults to 1; precision is
-    the deployed one (fp32 or fp16: the latency tables are timed in it)."""
+    options. device defaults to cuda when this onnxruntime has it, else cpu:1; batch defaults to 1."""
     from compressor.bench import check_provider_available, default_targets, parse_target
 
     from compressor.plan import TARGETS
@@ -86,9 +85,6 @@ def resolve_request(target: str, ratio: float | None, device: str | None, batch:
         if given:
             raise CompressorError(f"{', '.join(given)} only apply with --target latency (got --target {target})")
         return None
-    if precision not in LATENCY_PRECISIONS:
-        raise CompressorError(f"--target latency measures fp32 or fp16 models, not {precision} (int8 latency tables "
-                              "are not built yet: use --target macs with --precision int8)")
     parsed = parse_target(device) if device is not None else default_targets()[0]
     if parsed.kind not in ("cuda", "cpu"):
         raise CompressorError(f"--target latency profiles on cuda[:N] or cpu:T, not '{parsed.label}'")
@@ -105,4 +101,15 @@ def resolve_request(target: str, ratio: float | None, device: str | None, batch:
         raise CompressorError(f"--profile-budget must be a positive number of seconds, got {profile_budget}")
     return LatencyRequest(parsed, batch, ratio, None if latency_ms is None else float(latency_ms),
                           None if profile_budget is None else float(profile_budget), cache_dir,
-                          settings or ProfileSettings(), precision)
+                          settings or ProfileSettings())
+
+
+def in_precision(request: LatencyRequest | None, precision: str) -> LatencyRequest | None:
+    """The request for a model deployed in `precision` (fp32 or fp16: its latency tables, network and candidates
+    are timed in it); CompressorError for int8, whose tables are not built."""
+    if request is None or request.precision == precision:
+        return request
+    if precision not in LATENCY_PRECISIONS:
+        raise CompressorError(f"--target latency measures fp32 or fp16 models, not {precision} (int8 latency tables "
+                              "are not built yet: use --target macs with --precision int8)")
+    return replace(request, precision=precision)
