@@ -47,7 +47,7 @@ def test_compress_writes_model_report_and_summary(model, tmp_path):
     assert "MACs" in proc.stdout and "verified" in proc.stdout
     data = json.loads(report.read_text())
     for key in ("method", "ratio", "macs_before", "macs_after", "params_before", "params_after", "bytes_before",
-                "bytes_after", "verified", "max_abs_diff_vs_reference", "max_abs_diff_vs_original", "groups",
+                "bytes_after", "verified", "relative_error_vs_reference", "relative_tolerance", "relative_error_vs_original", "groups",
                 "blocks_removed", "seconds"):
         assert key in data
     assert data["verified"] and data["macs_after"] < data["macs_before"]
