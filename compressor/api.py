@@ -18,7 +18,7 @@ from compressor.cost import ModelCost, view_cost
 from compressor.errors import CompressorError, VerificationError
 from compressor.files import write_model, write_text
 from compressor.graph import GraphView
-from compressor.latency import check_latency, flag_note, plan_for_latency, resolve_request
+from compressor.latency import LATENCY_OPTIONS, check_latency, flag_note, plan_for_latency, resolve_request
 from compressor.plan import Plan, PlanOptions
 from compressor.shapes import infer_shapes
 from compressor.surgery import apply_plan, zeroed_reference
@@ -85,6 +85,7 @@ def compress(model, method: str = "l1", ratio: float | None = 0.5, *, target: st
     plan_fn = methods.get(method)
     latency = resolve_request(target, ratio, device, batch, latency_ms, profile_budget)
     options = PlanOptions(ratio, target, round_to, min_channels, tuple(exclude or ()), seed, dict(method_options or {}))
+    methods.check_options(method, options.extra, LATENCY_OPTIONS if latency is not None else ())
     if latency is None:
         options.validate(needs_ratio=method != "zeros")
     else:

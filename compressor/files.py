@@ -120,7 +120,9 @@ class PendingWrites:
         if kind is not None:
             self.discard()
 
-    def _temp_for(self, path: Path) -> Path:
+    def stage_path(self, path: str | os.PathLike) -> Path:
+        """An empty temp file beside `path` for the caller to fill; `commit()` renames it to `path`."""
+        path = Path(path)
         try:
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         except OSError as exc:
@@ -132,7 +134,7 @@ class PendingWrites:
     def stage_bytes(self, path: str | os.PathLike, data: bytes) -> Path:
         """Write `data` to a temp file that `commit()` renames to `path`; returns the temp path."""
         path = Path(path)
-        tmp = self._temp_for(path)
+        tmp = self.stage_path(path)
         try:
             tmp.write_bytes(data)
         except OSError as exc:
