@@ -218,4 +218,4 @@ def refuse_quantized(proto: onnx.ModelProto) -> None:
     found = sorted({n.op_type for n in proto.graph.node if n.op_type in QUANTIZATION_OPS})
     if found:
         raise CompressorError(f"quantized models are not supported yet (this one has {', '.join(found)}): compress "
-                              f"the float model first, then quantize the result")
+                              f"the float model before quantizing it (then quantize the result)")
