@@ -38,11 +38,15 @@ def check_ship_paths(model: Path, output: Path, precision: str, calib: Path | No
         check_repository_target(triton_repo, output.stem, 1, protected=[model, output])
 
 
-def stage_triton(model, repo: Path, name: str, input_shapes: dict[str, list[int]]):
-    """Stage and validate the compression result as a Triton model (committed once the output is written)."""
+def stage_triton(result, repo: Path, name: str, input_shapes: dict[str, list[int]]):
+    """Stage and validate the compression result as a Triton model (committed once the output is written); its
+    place goes into the report."""
     from compressor.deploy.triton_repo import stage_triton_model
 
-    return stage_triton_model(model, repo, name, 1, input_shapes=input_shapes or None)
+    staged = stage_triton_model(result.model, repo, name, 1, input_shapes=input_shapes or None)
+    result.report["triton"] = {"model_dir": str(staged.model_dir), "version": staged.version,
+                               "run_shapes": staged.run_shapes}
+    return staged
 
 
 def print_ship_summary(report: dict) -> None:

@@ -7,9 +7,9 @@ import onnx
 from compressor.errors import CompressorError
 
 
-def cpu_session(proto: onnx.ModelProto, threads: int = 0, full_optimization: bool = False):
-    """An ONNX Runtime CPU session for an in-memory model (basic graph optimizations; all of them, e.g. the int8
-    QDQ fusions a deployment runs, with `full_optimization`)."""
+def cpu_session(proto: onnx.ModelProto, threads: int = 0, optimization: str = "basic"):
+    """An ONNX Runtime CPU session for an in-memory model; `optimization` is ORT's graph optimization level:
+    "disable", "basic" or "all"."""
     try:
         import onnxruntime as ort
     except ImportError as exc:
@@ -18,8 +18,9 @@ def cpu_session(proto: onnx.ModelProto, threads: int = 0, full_optimization: boo
         ) from exc
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if full_optimization
-                                        else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+    levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    options.graph_optimization_level = levels[optimization]
     if threads:
         options.intra_op_num_threads = threads
     try:

@@ -46,8 +46,8 @@ class Agreement:
 def compare_models(reference: onnx.ModelProto, converted: onnx.ModelProto, feeds: Iterable[dict[str, np.ndarray]],
                    inputs: str) -> Agreement:
     """Run both models on every feed and measure the relative output error and top-1 agreement per output."""
-    ref_session = cpu_session(reference, full_optimization=True)
-    new_session = cpu_session(converted, full_optimization=True)
+    ref_session = cpu_session(reference, optimization="all")
+    new_session = cpu_session(converted, optimization="all")
     names = [o.name for o in ref_session.get_outputs()]
     ref_out: dict[str, list[np.ndarray]] = {n: [] for n in names}
     new_out: dict[str, list[np.ndarray]] = {n: [] for n in names}
