@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from compressor.errors import CompressorError
-from compressor.files import atomic_write
+from compressor.files import write_text
 
 
 def default_cache_dir() -> Path:
@@ -87,7 +87,7 @@ class LatencyCache:
             self.folder.mkdir(parents=True, exist_ok=True)
             merged = {**self._read(), **self.entries}
             text = json.dumps({"context": self.context, "entries": merged}, indent=1, sort_keys=True)
-            atomic_write(self.path, lambda tmp: Path(tmp).write_text(text))
+            write_text(self.path, text)
         except (OSError, CompressorError) as exc:
             reason = getattr(exc, "strerror", None) or exc
             raise CompressorError(f"cannot write the latency cache {self.path}: {reason} "

@@ -77,12 +77,15 @@ def new_session(model: str | bytes, options: Any, providers: list) -> Any:
     return onnxruntime_module().InferenceSession(model, sess_options=options, providers=providers)
 
 
-def cpu_session(proto: onnx.ModelProto, threads: int = 0) -> Any:
-    """A CPU session for an in-memory model with basic graph optimizations (verification and shape probing)."""
+def cpu_session(proto: onnx.ModelProto, threads: int = 0, optimization: str = "basic") -> Any:
+    """A CPU session for an in-memory model (verification and shape probing); `optimization` is ORT's graph
+    optimization level: "disable", "basic" or "all"."""
     ort = onnxruntime_module()
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    options.graph_optimization_level = levels[optimization]
     if threads:
         options.intra_op_num_threads = threads
     try:

@@ -73,3 +73,11 @@ def check_provider_available(target: Target) -> None:
             f"target {target}: {target.provider} is not available in onnxruntime {ort.__version__}{hint}; "
             f"available: {', '.join(available)}"
         )
+
+
+def checked_targets(texts: list[str]) -> list[Target]:
+    """Parse target strings and check this onnxruntime build can run each one (before any work starts)."""
+    targets = [parse_target(t) for t in texts]
+    for target in targets:
+        check_provider_available(target)
+    return targets
