@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from compressor import compress  # noqa: E402
-from compressor.bench import run_benchmark  # noqa: E402
+from compressor.runtime.bench import run_benchmark  # noqa: E402
 from compressor.deploy import PrecisionOptions, convert_precision  # noqa: E402
 
 NAME = "ship_resnet50"

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from compressor import compress  # noqa: E402
-from compressor.bench import run_benchmark  # noqa: E402
+from compressor.runtime.bench import run_benchmark  # noqa: E402
 from compressor.datasets import load_cifar10, normalize_nchw  # noqa: E402
 
 NAME = "ship_resnet56"
@@ -148,7 +148,7 @@ def write_outputs(args, command: str, rows: list[dict], reports: dict, bench, se
     lines += ["", "Commands (from the folder holding resnet56.onnx and calib.npy):", ""]
     lines += [f"- `{row['command']}`" for row in rows]
     if bench is not None:
-        lines += ["", "## fp32 vs int8 on cpu:1 (models interleaved, `compressor.bench.run_benchmark`)", "",
+        lines += ["", "## fp32 vs int8 on cpu:1 (models interleaved, `compressor.runtime.bench.run_benchmark`)", "",
                   bench.to_markdown().split("## Results", 1)[1].split("## Ratios", 1)[0].strip()]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{NAME}.md").write_text("\n".join(lines) + "\n")

@@ -25,9 +25,10 @@ def triton(
 ) -> None:
     """Write REPO/NAME/config.pbtxt and REPO/NAME/VERSION/model.onnx, validated and loaded back before they land."""
     from cli.common import fail
+    from compressor.errors import first_line
     from compressor.deploy.triton_config import TritonSettings
     from compressor.deploy.triton_repo import check_repository_target, uses_external_data, write_triton_repository
-    from compressor.loading import parse_input_shapes
+    from compressor.engine.loading import parse_input_shapes
 
     name = name or model.stem
     if not model.is_file():
@@ -38,7 +39,7 @@ def triton(
 
         proto = onnx.load(str(model))
     except Exception as exc:  # noqa: BLE001 - protobuf raises several unrelated types on corrupt input
-        fail(f"cannot read ONNX model {model}: {(str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]}")
+        fail(f"cannot read ONNX model {model}: {first_line(exc, 200)}")
     if not proto.graph.node:
         fail(f"{model} is not an ONNX model (no graph nodes)")
     settings = TritonSettings(max_batch_size, dynamic_batching, instances, kind, trt_fp16)

@@ -14,7 +14,8 @@ import onnxruntime as ort
 import pytest
 
 from compressor import CompressorError, VerificationError, compress
-from compressor.bench import parse_target, run_benchmark
+from compressor.runtime.bench import run_benchmark
+from compressor.runtime.targets import parse_target
 from compressor.deploy import PrecisionOptions, convert_precision, model_precision
 from compressor.deploy.feeds import as_feeds
 from tests.graphs import GraphBuilder, head
@@ -187,7 +188,7 @@ def test_bench_times_fp16_and_int8_models_and_reports_their_precision(tmp_path, 
 def test_target_provider_options_are_parsed_labelled_and_validated():
     target = parse_target("cuda:1,prefer_nhwc=1,use_tf32=0")
     assert target.label == "cuda:1,prefer_nhwc=1,use_tf32=0" and parse_target(target.label) == target
-    from compressor.bench import execution_providers
+    from compressor.runtime.sessions import execution_providers
 
     (name, options), = execution_providers(target)
     assert name == "CUDAExecutionProvider" and options["prefer_nhwc"] == "1" and options["use_tf32"] == "0"
@@ -215,15 +216,15 @@ def test_latency_tables_are_timed_in_fp16_and_cached_apart_from_fp32(tmp_path, m
         return 0.01 + 0.1 * layers + 1e-4 * sum(len(init.raw_data) for init in model.graph.initializer)
 
     monkeypatch.setattr(table, "measure_ms", recording)
-    import compressor.bench
+    import compressor.runtime.bench
 
-    paired, real_bench = [], compressor.bench.run_benchmark
+    paired, real_bench = [], compressor.runtime.bench.run_benchmark
 
     def recording_bench(models, *args, **kwargs):
         paired.append([model_precision(m) for m in models])
         return real_bench(models, *args, **kwargs)
 
-    monkeypatch.setattr(compressor.bench, "run_benchmark", recording_bench)
+    monkeypatch.setattr(compressor.runtime.bench, "run_benchmark", recording_bench)
     fast = ProfileSettings(warmup=1, min_runs=2, max_runs=3, seconds_per_point=0.001, calibration_runs=3,
                            calibration_seconds=0.01, check_warmup=1, check_runs=3, loop_iterations=0)
     monkeypatch.setattr("compressor.latency.request.ProfileSettings", lambda: fast)

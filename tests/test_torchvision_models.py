@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import compressor
-from compressor.analysis import analyze
+from compressor.engine.analysis import analyze
 from tests.conftest import export_onnx
 from tests.zeroing import zero_structures
 

@@ -14,7 +14,7 @@ from typing import Iterable
 import numpy as np
 import onnx
 
-from compressor.runtime import cpu_session
+from compressor.runtime.sessions import cpu_session
 
 
 @dataclass

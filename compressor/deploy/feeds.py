@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from compressor.errors import CompressorError
-from compressor.shapes import ONNX_TO_NUMPY, random_inputs
+from compressor.runtime.inputs import ONNX_TO_NUMPY, random_inputs
 
 Feed = dict[str, np.ndarray]
 DEFAULT_BATCH = 32

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import onnx
 
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, first_line
 
 
 def default_fp32_ops() -> list[str]:
@@ -36,5 +36,5 @@ def to_fp16(proto: onnx.ModelProto, keep_io_types: bool = True, fp32_ops: tuple[
                                         op_block_list=sorted(set(default_fp32_ops()) | set(fp32_ops)),
                                         node_block_list=list(fp32_nodes))
     except Exception as exc:  # noqa: BLE001 - the converter raises assertion and value errors
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        first = first_line(exc)
         raise CompressorError(f"fp16 conversion failed: {first}") from exc

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 
 from compressor.deploy.select import matching_nodes
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, first_line
 
 QUANT_TYPES = {"uint8": "QUInt8", "int8": "QInt8"}
 CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
@@ -81,7 +81,7 @@ def to_int8(proto: onnx.ModelProto, feeds: Iterable[dict[str, np.ndarray]], *, a
     except CompressorError:
         raise
     except Exception as exc:  # noqa: BLE001 - the quantizer raises many types
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        first = first_line(exc)
         raise CompressorError(f"int8 quantization failed: {first}") from exc
     finally:
         quiet.setLevel(level)

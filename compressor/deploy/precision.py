@@ -115,7 +115,7 @@ def convert_precision(proto: onnx.ModelProto, precision: str, calib_batches=None
 
 
 def _random_shapes(proto: onnx.ModelProto, options: PrecisionOptions) -> dict[str, list[int]]:
-    from compressor.loading import resolve_input_shapes
+    from compressor.engine.loading import resolve_input_shapes
 
     return resolve_input_shapes(proto, options.input_shapes)
 

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 
 from compressor.deploy.triton_config import TritonSettings, build_config_text, validate_config_text
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, first_line
 
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 NUMPY_TYPES = {"TYPE_BOOL": "bool", "TYPE_UINT8": "uint8", "TYPE_UINT16": "uint16", "TYPE_UINT32": "uint32",
@@ -140,18 +140,14 @@ def _write_model(model: onnx.ModelProto, version_dir: Path, external_data: bool)
 def load_and_run(model_path: Path, config, input_shapes: dict[str, list[int]] | None) -> dict[str, list[int]]:
     """Load the written model with ONNX Runtime (CPU) and run it at the config's shapes (the full batch when batched);
     check that every output has the config's type and dims. Returns the input shapes it ran."""
-    import onnxruntime as ort
-
     from compressor.deploy.triton_config import model_config_module, model_dims
+    from compressor.runtime.sessions import cpu_session
 
     pb2 = model_config_module()
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
     try:
-        session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise CompressorError(f"ONNX Runtime cannot load the model written to the repository: {first}") from exc
+        session = cpu_session(str(model_path))
+    except CompressorError as exc:
+        raise CompressorError(f"the model written to the repository does not load: {exc}") from exc
     batch = [config.max_batch_size] if config.max_batch_size > 0 else []
     rng = np.random.default_rng(0)
     feeds, shapes = {}, {}
@@ -165,7 +161,7 @@ def load_and_run(model_path: Path, config, input_shapes: dict[str, list[int]] | 
     try:
         values = session.run([t.name for t in config.output], feeds)
     except Exception as exc:  # noqa: BLE001
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        first = first_line(exc)
         raise CompressorError(f"the repository model does not run at the config's shapes {shapes}: {first}") from exc
     for tensor, value in zip(config.output, values):
         expected_type = NUMPY_TYPES.get(pb2.DataType.Name(tensor.data_type))
