@@ -19,7 +19,9 @@ class ProfileSettings:
     The number of timed runs adapts to the layer: enough to fill about `seconds_per_point` of timing, between
     `min_runs` and `max_runs`. `max_level` bounds the table refinement (see grid.py). The whole network
     is timed for about `calibration_seconds` (`calibration_runs` to 10x as many runs). The closed loop of the
-    planner measures up to `loop_iterations` candidate networks against the original (`check_warmup`/`check_runs`).
+    planner measures up to `loop_iterations` candidate networks against the original (`check_warmup`/`check_runs`),
+    then, with `aligned_baseline`, the method's MAC-targeted plan at the probed alignment and the same MACs
+    (baseline.py), kept instead when it is the better of the two.
     """
 
     warmup: int = 3
@@ -33,6 +35,7 @@ class ProfileSettings:
     table_share: float = 0.75  # with the loop on, the share of --profile-budget the table may use
     check_warmup: int | None = None  # each side-by-side measurement (None: 50 on GPUs, 3 on CPUs) ...
     check_runs: int | None = None  # ... (None: 300 on GPUs in 10 rounds, 20 on CPUs in 5; check.py)
+    aligned_baseline: bool = True  # the closed loop also measures the aligned MAC baseline and keeps it when better
 
 
 @dataclass(frozen=True)
