@@ -192,6 +192,10 @@ def _loop_cell(latency: dict) -> str:
     loop = latency.get("closed_loop") or []
     cells = [("**{:.3f}**" if c["chosen"] else "{:.3f}").format(c["measured_fraction"]) for c in loop
              if c.get("measured_fraction") is not None]
+    baseline = latency.get("aligned_baseline")
+    if baseline:  # the aligned MAC baseline the loop measured at the chosen MACs (kept when it was better)
+        cells.append(("baseline r{} **{:.3f}**" if baseline["chosen"] else "baseline r{} {:.3f}").format(
+            baseline["round_to"], baseline["measured_fraction"]))
     budget = 1.0 - latency["ratio"] if latency.get("ratio") else None
     return (", ".join(cells) or "off") + (f" ({budget:.2f})" if budget else "")
 

@@ -15,8 +15,8 @@ def bench(
     models: List[Path] = typer.Argument(..., help="ONNX models; ratios are reported against the first one."),
     target: List[str] = typer.Option(
         None, "--target", "-t",
-        help="cuda, cuda:N, cpu:T (T intra-op threads) or tensorrt; repeat for several "
-             "(default: cuda when onnxruntime has it, else cpu:1).",
+        help="cuda, cuda:N, cpu:T (T intra-op threads) or tensorrt, with provider options after commas "
+             "(cuda,prefer_nhwc=1,use_tf32=0); repeat for several (default: cuda when onnxruntime has it, else cpu:1).",
     ),
     batch: List[int] = typer.Option([1], "--batch", "-b", help="Batch size; repeat for several."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the full report (all samples) as JSON."),

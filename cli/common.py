@@ -18,6 +18,7 @@ from compressor.errors import CompressorError
 SUBCOMMANDS = {
     "inspect": ("cli.inspect_cmd", "List dependency groups, residual blocks and the MACs/params table of a model."),
     "bench": ("cli.bench_cmd", "Measure latency and memory of ONNX models with ONNX Runtime."),
+    "triton": ("cli.triton_cmd", "Write a validated Triton model repository (config.pbtxt + model) for an ONNX model."),
     "train": ("cli.train_cmd", "Train or fine-tune a model in PyTorch (optionally with AMSC/GSM/a mask), export ONNX."),
 }
 

@@ -15,10 +15,12 @@ import onnx
 from compressor import methods
 from compressor.engine.analysis import Analysis, analyze
 from compressor.engine.cost import ModelCost, view_cost
+from compressor.deploy.precision import PrecisionOptions, check_precision_request, convert_precision
 from compressor.errors import CompressorError, VerificationError
 from compressor.files import write_model
 from compressor.engine.graph import GraphView
 from compressor.latency import LATENCY_OPTIONS, LatencyRequest, check_latency, flag_note, plan_for_latency, resolve_request
+from compressor.latency.request import in_precision
 from compressor.engine.plan import Plan, PlanOptions
 from compressor.engine.shapes import infer_shapes
 from compressor.engine.surgery import apply_plan, zeroed_reference
@@ -74,7 +76,8 @@ def compress_options(ratio: float | None = 0.5, *, target: str = "macs", round_t
 
 def compress(model, method: str = "l1", ratio: float | None = 0.5, *, options: PlanOptions | None = None,
              latency: LatencyRequest | None = None, input_shapes: dict[str, list[int]] | None = None,
-             verify: bool = True, inputs=None, progress: Progress | None = None, **keywords) -> CompressResult:
+             verify: bool = True, inputs=None, progress: Progress | None = None, precision: str = "fp32",
+             precision_calib=None, precision_options: PrecisionOptions | None = None, **keywords) -> CompressResult:
     """Compress `model` (a path or an onnx.ModelProto) with a registered method.
 
     What to remove comes as `options` (PlanOptions) and, for target="latency", `latency` (a LatencyRequest), as
@@ -85,10 +88,17 @@ def compress(model, method: str = "l1", ratio: float | None = 0.5, *, options: P
     "latency" section holds predicted vs measured latency. `inputs` (optional): an iterable of {input name: array}
     dicts, e.g. real images, on which verification compares the result with its reference in addition to the
     seeded random inputs.
+    precision="fp16"|"int8" converts the verified fp32 result (compressor.deploy.precision) and reports its agreement
+    with fp32 on `precision_calib` (a .npy/.npz path, a calibration set or a list of feed dicts; default: `inputs`),
+    which int8 needs for its activation ranges; with a latency request, fp16 latency is what is measured.
     """
     start = time.perf_counter()
     timings: dict[str, float] = {}
     entry = methods.get(method)
+    if inputs is not None and iter(inputs) is inputs:  # a one-shot iterator serves verification and precision
+        inputs = list(inputs)
+    precision_calib = inputs if precision_calib is None else precision_calib
+    check_precision_request(precision, precision_calib is not None)
     if options is None:
         try:
             options, latency = compress_options(ratio, **keywords)
@@ -97,6 +107,7 @@ def compress(model, method: str = "l1", ratio: float | None = 0.5, *, options: P
     elif keywords:
         raise CompressorError(f"compress: give options= or keywords ({', '.join(sorted(keywords))}), not both")
     methods.check_options(method, options.extra, LATENCY_OPTIONS if latency is not None else ())
+    latency = in_precision(latency, precision)
     if latency is None:
         options.validate(needs_ratio=entry.needs_ratio)
     else:
@@ -127,6 +138,11 @@ def compress(model, method: str = "l1", ratio: float | None = 0.5, *, options: P
             report["latency"] = {**planned.info, **check_latency(analysis.proto, result, planned, latency,
                                                                  analysis.input_shapes)}
             report["notes"] += [n for n in [flag_note(report["latency"])] if n]
+    if precision != "fp32":
+        with _stage(timings, f"precision {precision}", progress):
+            stage_options = replace(precision_options or PrecisionOptions(), input_shapes=analysis.input_shapes)
+            result, report["precision"] = convert_precision(result, precision, precision_calib, stage_options)
+        report["bytes_after"] = result.ByteSize()
     report["seconds"] = round(time.perf_counter() - start, 3)
     report["stage_seconds"] = timings
     return CompressResult(result, report, plan, analysis, timings)
