@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 
 import typer
@@ -33,3 +34,18 @@ def run_typer(app: typer.Typer, argv: list[str], prog: str) -> None:
             raise
         typer.echo(f"error: internal error: {type(exc).__name__}: {exc} (set COMPRESSOR_DEBUG=1 for a traceback)", err=True)
         sys.exit(1)
+
+
+def command_line(ctx: typer.Context, prog: str) -> str:
+    """The command as an equivalent `prog ...` line (from the parsed options; defaults left out)."""
+    parts = shlex.split(prog)
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if value is None or value is False or value == param.default:
+            continue
+        if not param.opts[0].startswith("-"):
+            parts.append(str(value))
+            continue
+        flag = max(param.opts, key=len)
+        parts += [flag] if value is True else [flag, str(value)]
+    return shlex.join(parts)

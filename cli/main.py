@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "inspect": ("cli.inspect_cmd", "List dependency groups, residual blocks and the MACs/params table of a model."),
     "bench": ("cli.bench_cmd", "Measure latency and memory of ONNX models with ONNX Runtime."),
     "train": ("cli.train_cmd", "Train or fine-tune a model in PyTorch (optionally with AMSC/GSM/a mask), export ONNX."),
+    "finetune": ("cli.finetune_cmd", "Fine-tune a compressed ONNX model with distillation from the original."),
 }
 
 
