@@ -9,9 +9,13 @@ preprocessed train images when the installed compressor has --calib) and one `co
 that is written back into the ONNX graph (checked equal to ONNX Runtime on real test images by the command).
 Results: --out/finetune_resnet56.{md,json} (rewritten after every row), the models in --work.
 
-GPU machine (onnx2torch carried as a wheel; about 3 x 30 epochs):
+GPU machine (onnx2torch carried as a wheel), 30 epochs per row in two calls of at most 10 minutes (the second
+joins the first's rows with --previous; carry the first call's finetune_resnet56.json as runs/ft56-call1.json):
     pip install --no-deps onnx2torch-1.5.15-py3-none-any.whl && python3 benchmarks/finetune_resnet56.py \\
-        --data .device/base/data --models .device/base/models --out $OUT --epochs 30 --time-limit 570
+        --data .device/base/data --models .device/base/models --out $OUT --rows unpruned,l1 --ratios 0.5 --time-limit 560
+    pip install --no-deps onnx2torch-1.5.15-py3-none-any.whl && python3 benchmarks/finetune_resnet56.py \\
+        --data .device/base/data --models .device/base/models --out $OUT --rows l1 --ratios 0.3 \\
+        --previous runs/ft56-call1.json --time-limit 560
 CPU smoke run (about 2 minutes on the 2-core dev machine):
     python3 benchmarks/finetune_resnet56.py --data ../shared/data/cifar10 --models ../shared/models/cifar10-resnet \\
         --out /tmp/ft56 --epochs 1 --limit 512 --device cpu
@@ -49,14 +53,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rows", default="unpruned,l1", help="unpruned and/or l1 (one l1 row per --ratios entry)")
     parser.add_argument("--ratios", default="0.5,0.3")
     parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=0.02)
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--temperature", type=float, default=4.0)
     parser.add_argument("--alpha", type=float, default=0.9)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--limit", type=int, default=None, help="train/test images (smoke runs)")
     parser.add_argument("--calib-count", type=int, default=0,
                         help="pass --calib with this many train images to compress (when it has --calib)")
+    parser.add_argument("--previous", type=Path, default=None,
+                        help="finetune_resnet56.json of an earlier call: its rows join this table (not re-run)")
     parser.add_argument("--time-limit", type=float, default=None,
                         help="seconds: skip a row whose predicted time (from the first row's) would pass this")
     return parser.parse_args(argv)
@@ -173,6 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     result = {"command": shlex.join(["python3", "benchmarks/finetune_resnet56.py", *(argv or sys.argv[1:])]),
               "machine": machine(), "checkpoint": checkpoints[0].name, "compress_step": step, "rows": [],
               "seconds": 0.0}
+    if args.previous:
+        earlier = json.loads(args.previous.read_text())
+        names = {name for name, _ in plan}
+        result["rows"] = [dict(r, call="previous") for r in earlier["rows"] if r["row"] not in names and "top1_after" in r]
+        result["previous_command"] = earlier["command"]
     row_seconds: list[float] = []
     for name, ratio in plan:
         elapsed = time.perf_counter() - started

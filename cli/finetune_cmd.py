@@ -55,6 +55,8 @@ def finetune(
     verify_images: int = typer.Option(256, "--verify-images", help="Real images on which ONNX must equal PyTorch."),
 ) -> None:
     """Fine-tune SLIM.onnx on DIR with knowledge distillation from --teacher (one GPU, or several under torchrun)."""
+    import warnings
+
     from compressor.bench_report import progress_bar
     from compressor.training.finetune import FinetuneJob, run_finetune, summary_line
     from compressor.training.loop import TrainConfig
@@ -67,6 +69,8 @@ def finetune(
                       mean=_three_floats(mean, "--mean"), std=_three_floats(std, "--std"), device=device,
                       limit=limit, verify_images=verify_images, batchnorm=batchnorm,
                       command=command_line(ctx, "compress finetune"))
+    # onnx2torch's Slice indexes with a list (a deprecation warning per call site, not a user matter)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"onnx2torch\.")
     with progress_bar(every_s=30.0) as progress:
         result = run_finetune(job, log=lambda text: typer.echo(text, err=True), progress=progress)
     if "out" in result:

@@ -19,6 +19,7 @@ Parameters of nodes the write-back does not know are frozen, so nothing trains t
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -141,17 +142,14 @@ def _prepare_for_onnx2torch(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
-_REGISTERED = []
-
-
+@functools.lru_cache(maxsize=None)
 def _onnx2torch():
+    """onnx2torch with the converters of _register_converters_after_13 (registered once per process)."""
     try:
         import onnx2torch
     except ImportError as exc:
         raise CompressorError("compress finetune needs onnx2torch (pip install onnx2torch)") from exc
-    if not _REGISTERED:
-        _register_converters_after_13()
-        _REGISTERED.append(True)
+    _register_converters_after_13()
     return onnx2torch
 
 
