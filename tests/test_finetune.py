@@ -273,3 +273,20 @@ def test_inserted_batchnorms_start_as_identity_and_fold_back_exactly(models):
     assert torch.allclose(folded, moved, rtol=1e-4, atol=1e-5 * float(moved.abs().max()))
     written = onnx_logits(write_back(converted), images.numpy())
     assert np.max(np.abs(written - folded.numpy())) <= 1e-5 * float(folded.abs().max())
+
+
+def test_unlabeled_images_train_on_the_teacher_alone(models, tmp_path, capsys):
+    original, slim = models
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    rng = np.random.default_rng(2)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)).save(flat / f"{i}.jpg")
+    out = tmp_path / "tuned.onnx"
+    code, stdout, err = _run(["finetune", str(slim), "--teacher", str(original), "--data", str(flat), "-o", str(out),
+                              "--epochs", "1", "--batch-size", "4", "--device", "cpu"], capsys)
+    assert code in (0, None), err
+    assert out.is_file() and model_cost(str(out)).macs == model_cost(str(slim)).macs
+    code, _, err = _run(["finetune", str(slim), "--data", str(flat), "-o", str(tmp_path / "x.onnx"), "--device", "cpu"],
+                        capsys)
+    assert code != 0 and err.startswith("error:") and "teacher" in err
