@@ -160,7 +160,11 @@ def markdown(rows: list[dict], command: str, seconds: float) -> str:
     converted = sum(row.get("student") == "converted" and row.get("teacher") == "converted" for row in rows)
     worst = max((row.get(k, 0.0) for row in rows for k in ("teacher_rel_err", "student_rel_err", "write_back_rel_err")),
                 default=0.0)
-    lines += ["", f"{converted}/{len(rows)} pairs converted; worst relative error {worst:.1e}.", ""]
+    lines += ["", f"{converted}/{len(rows)} pairs converted; worst relative error {worst:.1e}.", "",
+              "Trainable elements are the weights and biases of Conv, Gemm and BatchNormalization nodes (the values "
+              "`compress finetune` writes back). Float initializers of other ops stay as they are: per-channel "
+              "scale/shift constants of Mul/Add (DenseNet's BatchNorm before each Conv, which no exporter can fold) "
+              "and scalars such as Clip bounds; they are buffers in onnx2torch's module.", ""]
     return "\n".join(lines)
 
 
