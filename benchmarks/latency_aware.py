@@ -116,7 +116,7 @@ def exported(name: str, work: Path, reuse: bool) -> str:
 
 def _summary(report: dict) -> dict:
     keep = ("method", "target", "ratio", "round_to", "macs_before", "macs_after", "params_before", "params_after",
-            "verified", "max_abs_diff_vs_reference", "blocks_removed", "blocks_total", "groups_pruned", "groups_total",
+            "verified", "relative_error_vs_reference", "blocks_removed", "blocks_total", "groups_pruned", "groups_total",
             "notes", "seconds", "stage_seconds", "latency")
     return {k: report.get(k) for k in keep}
 

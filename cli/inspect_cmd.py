@@ -20,7 +20,10 @@ def inspect(
 ) -> None:
     """List dependency groups, removable residual blocks and per-layer MACs/params."""
     from compressor.api import atomic_write_text, inspect as run_inspect
+    from compressor.files import check_output_paths
     from compressor.loading import parse_input_shapes
+
+    check_output_paths([model], {"--json": json_out})
 
     data = run_inspect(model, parse_input_shapes(input_shape)).to_dict()
     typer.echo(f"{model}: {data['macs'] / 1e6:.2f} MMACs, {data['params'] / 1e6:.3f} M params")

@@ -16,7 +16,7 @@ from compressor.blocks import Block, find_blocks
 from compressor.cost import is_param, node_macs
 from compressor.errors import CompressorError
 from compressor.graph import GraphView, ensure_node_names
-from compressor.loading import default_opset, load_model, resolve_input_shapes
+from compressor.loading import default_opset, load_model, refuse_quantized, resolve_input_shapes
 from compressor.rules import RULES
 from compressor.shapes import infer_shapes
 from compressor.units import UnitTable
@@ -372,6 +372,7 @@ def _matches(name: str, pattern: str) -> bool:
 def analyze(model, input_shapes: dict[str, list[int]] | None = None) -> Analysis:
     """Load `model` (path or ModelProto) and analyze its channel dependencies and residual blocks."""
     proto = load_model(model)
+    refuse_quantized(proto)
     ensure_node_names(proto)
     shapes = resolve_input_shapes(proto, input_shapes)
     try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -17,15 +16,15 @@ from compressor import methods
 from compressor.analysis import Analysis, analyze
 from compressor.cost import ModelCost, view_cost
 from compressor.errors import CompressorError, VerificationError
+from compressor.files import write_model, write_text
 from compressor.graph import GraphView
-from compressor.latency import check_latency, flag_note, plan_for_latency, resolve_request
+from compressor.latency import LATENCY_OPTIONS, check_latency, flag_note, plan_for_latency, resolve_request
 from compressor.plan import Plan, PlanOptions
 from compressor.shapes import infer_shapes
 from compressor.surgery import apply_plan, zeroed_reference
 from compressor.verify import check_model, verify
 
 Progress = Callable[[str], None]
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
 @dataclass
@@ -45,48 +44,12 @@ class CompressResult:
 
 def save_model(proto: onnx.ModelProto, path: str | os.PathLike) -> Path:
     """Write `proto` to `path` atomically; nothing is left behind on failure."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise CompressorError(f"output directory does not exist: {path.parent}")
-    if not os.access(path.parent, os.W_OK):
-        raise CompressorError(f"output directory is not writable: {path.parent}")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise CompressorError(f"cannot write to {path.parent}: {exc.strerror or exc}") from exc
-    os.close(fd)
-    data_name = f"{path.name}.data"
-    tmp_data = path.parent / f".{data_name}.tmp"
-    try:
-        if proto.ByteSize() > EXTERNAL_DATA_THRESHOLD:
-            onnx.save_model(proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=data_name)
-            os.replace(path.parent / data_name, tmp_data)
-            os.replace(tmp_data, path.parent / data_name)
-        else:
-            onnx.save_model(proto, tmp)
-        os.replace(tmp, path)
-    except Exception as exc:
-        for leftover in (Path(tmp), tmp_data):
-            leftover.unlink(missing_ok=True)
-        if isinstance(exc, CompressorError):
-            raise
-        raise CompressorError(f"cannot write {path}: {exc}") from exc
-    return path
+    return write_model(proto, path)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write text to `path` through a temp file and a rename."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise CompressorError(f"output directory does not exist: {path.parent}")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise CompressorError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    return path
+    return write_text(path, text)
 
 
 @contextmanager
@@ -106,7 +69,7 @@ def compress(model, method: str = "l1", ratio: float | None = 0.5, *, target: st
              min_channels: int = 1, exclude=(), seed: int = 0, input_shapes: dict[str, list[int]] | None = None,
              verify: bool = True, method_options: dict | None = None, progress: Progress | None = None,
              device: str | None = None, batch: int | None = None, latency_ms: float | None = None,
-             profile_budget: float | None = None) -> CompressResult:
+             profile_budget: float | None = None, inputs=None) -> CompressResult:
     """Compress `model` (a path or an onnx.ModelProto) with a registered method.
 
     ratio is the fraction of `target` (macs or params) to remove; `zeros` ignores it. Raises CompressorError on
@@ -114,12 +77,15 @@ def compress(model, method: str = "l1", ratio: float | None = 0.5, *, target: st
     target="latency" removes `ratio` of the latency measured on `device` (cuda[:N] or cpu:T) at `batch`, or meets
     `latency_ms` (which wins over ratio); `profile_budget` bounds the profiling seconds. The method supplies the
     importance, compressor.latency the cost; the report's "latency" section holds predicted vs measured latency.
+    `inputs` (optional): an iterable of {input name: array} dicts, e.g. real images, on which verification compares
+    the result with its reference in addition to the seeded random inputs.
     """
     start = time.perf_counter()
     timings: dict[str, float] = {}
     plan_fn = methods.get(method)
     latency = resolve_request(target, ratio, device, batch, latency_ms, profile_budget)
     options = PlanOptions(ratio, target, round_to, min_channels, tuple(exclude or ()), seed, dict(method_options or {}))
+    methods.check_options(method, options.extra, LATENCY_OPTIONS if latency is not None else ())
     if latency is None:
         options.validate(needs_ratio=method != "zeros")
     else:
@@ -138,7 +104,7 @@ def compress(model, method: str = "l1", ratio: float | None = 0.5, *, target: st
     if verify:
         with _stage(timings, "verify", progress):
             reference = None if method == "zeros" else zeroed_reference(analysis, plan)
-            verification = _run_verification(analysis, reference, result)
+            verification = _run_verification(analysis, reference, result, inputs)
     else:
         with _stage(timings, "check", progress):
             check_model(result, analysis.input_shapes)
@@ -155,12 +121,13 @@ def compress(model, method: str = "l1", ratio: float | None = 0.5, *, target: st
     return CompressResult(result, report, plan, analysis, timings)
 
 
-def _run_verification(analysis: Analysis, reference, result):
-    outcome = verify(analysis.proto, reference, result, analysis.input_shapes)
+def _run_verification(analysis: Analysis, reference, result, inputs=None):
+    outcome = verify(analysis.proto, reference, result, analysis.input_shapes, inputs=inputs)
     if not outcome.passed:
         raise VerificationError(
-            f"verification failed: max abs diff {outcome.max_abs_diff_vs_reference:.3g} against the reference exceeds "
-            f"{outcome.tolerance:.3g}; nothing written (this is a bug: please report the model)"
+            f"verification failed: relative error {outcome.relative_error_vs_reference:.3g} against the reference "
+            f"exceeds the tolerance {outcome.relative_tolerance:.3g} (float32 noise of this model "
+            f"{outcome.runtime_noise:.2g}); nothing written (this is a bug: please report the model)"
         )
     return outcome
 
@@ -201,9 +168,12 @@ def build_report(analysis: Analysis, plan: Plan, options: PlanOptions, method: s
         "bytes_before": bytes_before,
         "bytes_after": bytes_after,
         "verified": verification.passed if verification else False,
-        "max_abs_diff_vs_reference": verification.max_abs_diff_vs_reference if verification else None,
-        "max_abs_diff_vs_original": verification.max_abs_diff_vs_original if verification else None,
-        "tolerance": verification.tolerance if verification else None,
+        "relative_error_vs_reference": verification.relative_error_vs_reference if verification else None,
+        "relative_tolerance": verification.relative_tolerance if verification else None,
+        "runtime_noise": verification.runtime_noise if verification else None,
+        "relative_error_vs_original": verification.relative_error_vs_original if verification else None,
+        "verification_inputs": verification.inputs if verification else None,
+        "verification_outputs": [vars(c) for c in verification.outputs] if verification else [],
         "groups_total": len(analysis.groups),
         "groups_pruned": sum(1 for g in groups if g["channels_after"] < g["channels_before"]),
         "groups": groups,

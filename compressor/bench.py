@@ -213,6 +213,14 @@ def check_provider_available(target: Target) -> None:
         )
 
 
+def checked_targets(texts: list[str]) -> list[Target]:
+    """Parse target strings and check this onnxruntime build can run each one (before any work starts)."""
+    targets = [parse_target(t) for t in texts]
+    for target in targets:
+        check_provider_available(target)
+    return targets
+
+
 def preload_cuda_libraries() -> None:
     """Let onnxruntime load CUDA/cuDNN from the pip packages (e.g. those PyTorch brought), where it can."""
     import onnxruntime as ort

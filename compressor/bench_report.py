@@ -93,8 +93,8 @@ class Measurement:
 
     @property
     def throughput(self) -> float:
-        """Images (batch items) per second over the timed runs."""
-        return self.batch * 1000.0 / self.mean_ms
+        """Images (batch items) per second at the median latency (the statistic speedups use too)."""
+        return self.batch * 1000.0 / self.p50_ms
 
     @property
     def memory_mb(self) -> float | None:
@@ -166,11 +166,13 @@ class BenchReport:
                 "environment": self.environment}
 
     def save_json(self, path: str | os.PathLike) -> None:
-        """Write to_dict() as indented JSON."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        """Write to_dict() as indented JSON (atomically)."""
+        from compressor.files import write_text
+
+        write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     def _table_rows(self) -> tuple[list[str], list[list[str]]]:
-        header = ["model", "target", "batch", "MACs", "params", "p50 ms", "p90 ms", "p99 ms", "img/s", "speedup",
+        header = ["model", "target", "batch", "MACs", "params", "p50 ms", "p90 ms", "p99 ms", "img/s (p50)", "speedup (p50)",
                   "MACs x", "mem MB", "create s"]
         speedups = {(r["model"], r["target"], r["batch"]): r["speedup_p50"] for r in self.ratios()}
         rows = []
@@ -394,7 +396,7 @@ def plot_report(report: BenchReport, path: str | os.PathLike) -> None:
     handles, labels = figure.axes[0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="lower center", ncol=min(4, len(names)), fontsize="small", frameon=False)
     figure.tight_layout(rect=(0, 0.04 + 0.03 * ((len(names) + 3) // 4) / rows, 1, 1))
-    figure.savefig(str(path), dpi=120)
+    figure.savefig(str(path), dpi=120, format="png")
 
 
 def _plot_x(group: list[Measurement]) -> tuple[list[float], str]:

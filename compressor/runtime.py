@@ -7,8 +7,9 @@ import onnx
 from compressor.errors import CompressorError
 
 
-def cpu_session(proto: onnx.ModelProto, threads: int = 0):
-    """An ONNX Runtime CPU session for an in-memory model."""
+def cpu_session(proto: onnx.ModelProto, threads: int = 0, optimization: str = "basic"):
+    """An ONNX Runtime CPU session for an in-memory model; `optimization` is ORT's graph optimization level:
+    "disable", "basic" or "all"."""
     try:
         import onnxruntime as ort
     except ImportError as exc:
@@ -17,7 +18,9 @@ def cpu_session(proto: onnx.ModelProto, threads: int = 0):
         ) from exc
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    options.graph_optimization_level = levels[optimization]
     if threads:
         options.intra_op_num_threads = threads
     try:

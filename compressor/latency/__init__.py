@@ -9,8 +9,8 @@ calibration), importance (method scores made comparable), allocate (the knapsack
 """
 
 from compressor.latency.check import check_latency, flag_note
-from compressor.latency.planner import LatencyPlan, plan_for_latency
+from compressor.latency.planner import LATENCY_OPTIONS, LatencyPlan, plan_for_latency
 from compressor.latency.request import LATENCY_TARGET, LatencyRequest, ProfileSettings, resolve_request
 
-__all__ = ["LATENCY_TARGET", "LatencyPlan", "LatencyRequest", "ProfileSettings", "check_latency", "flag_note",
+__all__ = ["LATENCY_OPTIONS", "LATENCY_TARGET", "LatencyPlan", "LatencyRequest", "ProfileSettings", "check_latency", "flag_note",
            "plan_for_latency", "resolve_request"]

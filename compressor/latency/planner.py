@@ -28,6 +28,7 @@ LOOP_ACCEPT = 0.92  # ... and stops at a candidate measuring between this fracti
 LOOP_STEP = 0.7  # one correction moves the allocation budget by at most this factor (down) or its inverse (up)
 LOOP_MARGIN = 0.1  # once the budget is bracketed, the next allocation budget stays this share off either end
 LOOP_REACH_STEP = 0.85  # two slow candidates this far apart in budget judge whether the budget is in reach at all
+LATENCY_OPTIONS = ("macs_ratio", "block_value")  # the --method-option keys this planner reads
 BLOCK_VALUE_FACTOR = 0.5  # default importance of a dropped residual branch relative to its channels (importance.py)
 
 

@@ -317,7 +317,7 @@ def score_groups(analysis, groups: list[int], opts: GraphRwOptions) -> tuple[dic
     return scores, lis
 
 
-@register("graph-rw")
+@register("graph-rw", options=tuple(_OPTION_FIELDS))
 def plan_graph_rw(analysis, options: PlanOptions) -> Plan:
     """Random-walk filter scores; per-layer rates from the random-matrix LIS (or uniform, or a global ranking).
 

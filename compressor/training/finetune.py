@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from compressor.errors import CompressorError, VerificationError
+from compressor.files import PendingWrites, check_output_paths, model_outputs
 from compressor.training.conv_batchnorm import fold_batchnorms, insert_batchnorms
 from compressor.training.distill import DEFAULT_ALPHA, DEFAULT_TEMPERATURE, DistillHooks
 from compressor.training.distributed import init_distributed, shutdown_distributed
@@ -61,18 +62,8 @@ class FinetuneJob:
         for what, path in (("--data", self.data), ("--val", self.val)):
             if path is not None and not Path(path).is_dir():
                 raise CompressorError(f"{what} is not a folder: {path}")
-        outputs = {"-o": self.out, "--report": self.report}
-        resolved = {what: Path(path).resolve() for what, path in outputs.items() if path is not None}
-        for what, path in resolved.items():
-            for other, source in inputs.items():
-                if source is not None and path == Path(source).resolve():
-                    raise CompressorError(f"output path {what} {path} is the input {other}: choose another")
-            if path.is_dir():
-                raise CompressorError(f"output path {what} {path} is a folder")
-            if not path.parent.is_dir():
-                raise CompressorError(f"the folder of output {what} does not exist: {path.parent}")
-        if len(set(resolved.values())) < len(resolved):
-            raise CompressorError("-o and --report are the same file")
+        check_output_paths([p for p in (self.student, self.teacher) if p is not None],
+                           {**model_outputs(self.out), "--report": self.report})
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise CompressorError("--mean and --std take three numbers (std > 0)")
 
@@ -169,21 +160,20 @@ def run_finetune(job: FinetuneJob, log: LogFn | None = print, progress: Progress
         if report["top1_after"] is not None:
             say(f"after: top-1 {report['top1_after']:.2f}% (before {report['top1_before']:.2f}%)")
         if ctx.is_main:
-            report.update(_save(job, student, data))
-            report["seconds"] = time.perf_counter() - started
-            if job.report:
-                from compressor.api import atomic_write_text
-
-                atomic_write_text(job.report, json.dumps(report, indent=1, default=str) + "\n")
+            with PendingWrites() as pending:
+                report.update(_stage_model(job, student, data, pending))
+                report["seconds"] = time.perf_counter() - started
+                if job.report:
+                    pending.stage_text(job.report, json.dumps(report, indent=1, default=str) + "\n")
+                pending.commit()
         ctx.barrier()
         return report
     finally:
         shutdown_distributed(ctx)
 
 
-def _save(job: FinetuneJob, student: OnnxModule, data) -> dict:
-    """Write the trained values into SLIM.onnx's graph, assert its MACs, check it against PyTorch, save."""
-    from compressor.api import save_model
+def _stage_model(job: FinetuneJob, student: OnnxModule, data, pending: PendingWrites) -> dict:
+    """Write the trained values into SLIM.onnx's graph, assert its MACs, check it against PyTorch, stage it."""
     from compressor.cost import model_cost
 
     proto = write_back(student)
@@ -194,7 +184,7 @@ def _save(job: FinetuneJob, student: OnnxModule, data) -> dict:
     images = data.normalize(images[: job.verify_images]).cpu()
     check = check_outputs(torch_logits(student.module, images), onnx_logits(proto, images.numpy()),
                           f"fine-tuned model {Path(job.out).name}")
-    save_model(proto, job.out)
+    pending.stage_model(proto, job.out)
     return {"out": str(job.out), "macs": int(macs_after), "check": check}
 
 
