@@ -11,12 +11,14 @@ Results: --out/finetune_resnet56.{md,json} (rewritten after every row), the mode
 
 GPU machine (onnx2torch carried as a wheel), 30 epochs per row in two calls of at most 10 minutes (the second
 joins the first's rows with --previous; carry the first call's finetune_resnet56.json as runs/ft56-call1.json):
-    pip install --no-deps onnx2torch-1.5.15-py3-none-any.whl && python3 benchmarks/finetune_resnet56.py \\
+    source .device/base/setup.sh && pip install --no-deps onnx2torch-1.5.15-py3-none-any.whl && \\
+        python3 benchmarks/finetune_resnet56.py \\
         --data .device/base/data --models .device/base/models --out $OUT --rows unpruned,l1 --ratios 0.5 --time-limit 560
-    pip install --no-deps onnx2torch-1.5.15-py3-none-any.whl && python3 benchmarks/finetune_resnet56.py \\
+    source .device/base/setup.sh && pip install --no-deps onnx2torch-1.5.15-py3-none-any.whl && \\
+        python3 benchmarks/finetune_resnet56.py \\
         --data .device/base/data --models .device/base/models --out $OUT --rows l1 --ratios 0.3 \\
         --previous runs/ft56-call1.json --time-limit 560
-CPU smoke run (about 2 minutes on the 2-core dev machine):
+CPU smoke run (about 7 minutes on the shared 2-core dev machine):
     python3 benchmarks/finetune_resnet56.py --data ../shared/data/cifar10 --models ../shared/models/cifar10-resnet \\
         --out /tmp/ft56 --epochs 1 --limit 512 --device cpu
 """
