@@ -41,7 +41,7 @@ def export(name: str, dynamo: bool, path: Path) -> int:
     import torchvision
 
     from tests.conftest import CIFAR_MODELS, export_onnx
-    from tests.test_torchvision_models import _randomize_bn
+    from tests.test_torchvision_models import randomize_bn
 
     torch.manual_seed(0)
     if name in CIFAR:
@@ -53,7 +53,7 @@ def export(name: str, dynamo: bool, path: Path) -> int:
     else:
         kwargs = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
         model, size = getattr(torchvision.models, name)(weights=None, **kwargs), TORCHVISION[name]
-        _randomize_bn(model.eval())
+        randomize_bn(model.eval())
     export_onnx(model.eval(), torch.randn(1, 3, size, size), path, dynamo)
     return size
 

@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             commands.append(finetune_command(student, original, out, report, args))
             run_finetune(commands[-1])
             metrics = json.loads(report.read_text())
-            from compressor.cost import model_cost
+            from compressor.engine.cost import model_cost
 
             macs_original = model_cost(str(original)).macs
             result["rows"].append({

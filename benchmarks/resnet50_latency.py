@@ -36,14 +36,14 @@ def export_resnet50(path: str, seed: int = 0) -> None:
 
         model = resnet50(weights=None)
     except ImportError:
-        model = _resnet50_without_torchvision()
+        model = resnet50_without_torchvision()
     model.eval()
     example = torch.randn(1, 3, 224, 224)
     torch.onnx.export(model, example, path, dynamo=False, opset_version=17, input_names=["input"],
                       output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
 
 
-def _resnet50_without_torchvision():
+def resnet50_without_torchvision():
     """torchvision's ResNet-50 v1.5 architecture (stride on the 3x3 conv), for machines with torch but no torchvision."""
     from torch import nn
 
@@ -175,8 +175,9 @@ def compress_all(original: str, args: argparse.Namespace, work: Path) -> tuple[l
 
 def benchmark(models: list[str], names: list[str], args: argparse.Namespace):
     """GPU targets at --gpu-batches and CPU targets at --cpu-batches, merged into one report."""
-    from compressor.bench import parse_target, run_benchmark
-    from compressor.bench_report import merge_reports, progress_bar
+    from compressor.runtime.bench import run_benchmark
+    from compressor.runtime.targets import parse_target
+    from compressor.runtime.report import merge_reports, progress_bar
 
     targets = [parse_target(t) for t in _csv(args.targets)]
     reports = []
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     header, _, rest = markdown.partition("\n\n")
     (out / f"{args.name}.md").write_text(f"{header}\n\nCommand: `{command}`\n\n{compression_table(records)}\n{rest}")
     try:
-        from compressor.bench_report import plot_report
+        from compressor.runtime.report import plot_report
 
         plot_report(report, out / f"{args.name}.png")
     except ImportError:

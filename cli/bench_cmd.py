@@ -35,10 +35,11 @@ def bench(
     """Benchmark ONNX models on CUDA, TensorRT and CPU targets (models interleaved round by round)."""
     import json
 
-    from compressor.bench import checked_targets, default_targets, run_benchmark
-    from compressor.bench_report import plot_report, progress_bar
+    from compressor.engine.loading import parse_input_shapes
     from compressor.files import PendingWrites, check_output_paths
-    from compressor.loading import parse_input_shapes
+    from compressor.runtime.bench import run_benchmark
+    from compressor.runtime.report import plot_report, progress_bar
+    from compressor.runtime.targets import checked_targets, default_targets
 
     check_output_paths(list(models), {"--json": json_path, "--md": md_path, "--plot": plot_path})
     targets = checked_targets(target) if target else default_targets()

@@ -16,6 +16,20 @@ import typer
 
 from compressor.errors import CompressorError
 
+SUBCOMMANDS = {
+    "inspect": ("cli.inspect_cmd", "List dependency groups, residual blocks and the MACs/params table of a model."),
+    "bench": ("cli.bench_cmd", "Measure latency and memory of ONNX models with ONNX Runtime."),
+    "train": ("cli.train_cmd", "Train or fine-tune a model in PyTorch (optionally with AMSC/GSM/a mask), export ONNX."),
+    "finetune": ("cli.finetune_cmd", "Fine-tune a compressed ONNX model with distillation from the original."),
+}
+
+
+def usage_epilog() -> str:
+    """The subcommand list shown under `compress --help`."""
+    lines = ["\b", "Subcommands (compress SUBCOMMAND --help):"]
+    lines += [f"  {name:<8} {text}" for name, (_, text) in SUBCOMMANDS.items()]
+    return "\n".join(lines)
+
 
 class Interrupted(BaseException):
     """Raised in the main thread by SIGINT/SIGTERM; a BaseException so that no `except Exception` swallows it."""

@@ -8,8 +8,7 @@ from typing import Optional
 
 import typer
 
-from cli.common import fail
-from cli.main import _usage_epilog
+from cli.common import fail, usage_epilog
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]})
 
@@ -64,7 +63,7 @@ def print_summary(report: dict, output: Path) -> None:
         typer.echo(f"  note: {note}")
 
 
-@app.command(epilog=_usage_epilog())
+@app.command(epilog=usage_epilog())
 def compress(
     model: Path = typer.Argument(..., metavar="MODEL.onnx", help="Input ONNX model (never modified)."),
     method: str = typer.Option("l1", "--method", "-m", help="Scoring/planning method: zeros, l1, l2, random, graph-rw, ..."),
@@ -91,14 +90,15 @@ def compress(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no summary."),
 ) -> None:
     """Remove whole filters and residual blocks from MODEL and write a verified, smaller ONNX model."""
-    from compressor.api import compress as run_compress
-    from compressor.bench import checked_targets
+    from compressor import methods
+    from compressor.api import compress as run_compress, compress_options
+    from compressor.engine.loading import parse_input_shapes
     from compressor.files import PendingWrites, check_output_paths, model_outputs
-    from compressor.loading import parse_input_shapes
+    from compressor.runtime.targets import checked_targets
 
     if ratio is not None and latency_ms is not None:
         fail("give either --ratio or --latency-ms, not both")
-    if method != "zeros" and ratio is None and latency_ms is None:
+    if methods.get(method).needs_ratio and ratio is None and latency_ms is None:
         fail("--ratio is required for this method (a fraction in (0, 1))")
     if not model.exists():
         fail(f"model file not found: {model}")
@@ -109,16 +109,17 @@ def compress(
         if value is not None:
             options[key] = value
     shapes = parse_input_shapes(input_shape)
+    plan_options, latency = compress_options(ratio, target=target, round_to=round_to, min_channels=min_channels,
+                                             exclude=tuple(exclude), seed=seed, method_options=options, device=device,
+                                             batch=batch, latency_ms=latency_ms, profile_budget=profile_budget)
     progress = StageProgress(quiet)
     try:
-        result = run_compress(model, method=method, ratio=ratio, target=target, round_to=round_to,
-                              min_channels=min_channels, exclude=tuple(exclude), seed=seed, input_shapes=shapes,
-                              verify=not no_verify, method_options=options, progress=progress.update, device=device,
-                              batch=batch, latency_ms=latency_ms, profile_budget=profile_budget)
+        result = run_compress(model, method, options=plan_options, latency=latency, input_shapes=shapes,
+                              verify=not no_verify, progress=progress.update)
         with PendingWrites() as pending:  # model and report appear together, or neither does
             staged = pending.stage_model(result.model, output)
             if bench_targets:
-                from compressor.bench import run_benchmark
+                from compressor.runtime.bench import run_benchmark
 
                 progress.update("bench")
                 bench_report = run_benchmark([str(model), str(staged)], bench_targets, [bench_batch],

@@ -57,7 +57,7 @@ def finetune(
     """Fine-tune SLIM.onnx on DIR with knowledge distillation from --teacher (one GPU, or several under torchrun)."""
     import warnings
 
-    from compressor.bench_report import progress_bar
+    from compressor.runtime.report import progress_bar
     from compressor.training.finetune import FinetuneJob, run_finetune, summary_line
     from compressor.training.loop import TrainConfig
 

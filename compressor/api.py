@@ -13,16 +13,16 @@ import numpy as np
 import onnx
 
 from compressor import methods
-from compressor.analysis import Analysis, analyze
-from compressor.cost import ModelCost, view_cost
+from compressor.engine.analysis import Analysis, analyze
+from compressor.engine.cost import ModelCost, view_cost
 from compressor.errors import CompressorError, VerificationError
-from compressor.files import write_model, write_text
-from compressor.graph import GraphView
-from compressor.latency import LATENCY_OPTIONS, check_latency, flag_note, plan_for_latency, resolve_request
-from compressor.plan import Plan, PlanOptions
-from compressor.shapes import infer_shapes
-from compressor.surgery import apply_plan, zeroed_reference
-from compressor.verify import check_model, verify
+from compressor.files import write_model
+from compressor.engine.graph import GraphView
+from compressor.latency import LATENCY_OPTIONS, LatencyRequest, check_latency, flag_note, plan_for_latency, resolve_request
+from compressor.engine.plan import Plan, PlanOptions
+from compressor.engine.shapes import infer_shapes
+from compressor.engine.surgery import apply_plan, zeroed_reference
+from compressor.engine.verify import check_model, verify
 
 Progress = Callable[[str], None]
 
@@ -47,11 +47,6 @@ def save_model(proto: onnx.ModelProto, path: str | os.PathLike) -> Path:
     return write_model(proto, path)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write text to `path` through a temp file and a rename."""
-    return write_text(path, text)
-
-
 @contextmanager
 def _stage(timings: dict[str, float], name: str, progress: Progress | None):
     if progress:
@@ -65,29 +60,45 @@ def _cost_of(proto: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> Mode
     return view_cost(GraphView(proto, infer_shapes(proto, input_shapes)))
 
 
-def compress(model, method: str = "l1", ratio: float | None = 0.5, *, target: str = "macs", round_to: int = 1,
-             min_channels: int = 1, exclude=(), seed: int = 0, input_shapes: dict[str, list[int]] | None = None,
-             verify: bool = True, method_options: dict | None = None, progress: Progress | None = None,
-             device: str | None = None, batch: int | None = None, latency_ms: float | None = None,
-             profile_budget: float | None = None, inputs=None) -> CompressResult:
+def compress_options(ratio: float | None = 0.5, *, target: str = "macs", round_to: int = 1, min_channels: int = 1,
+                     exclude=(), seed: int = 0, method_options: dict | None = None, device: str | None = None,
+                     batch: int | None = None, latency_ms: float | None = None, profile_budget: float | None = None
+                     ) -> tuple[PlanOptions, LatencyRequest | None]:
+    """The plan options and (for target="latency") the validated latency request, from the CLI's spelling: remove
+    `ratio` of `target` (macs, params or latency); latency: measured on `device` (cuda[:N] or cpu:T) at `batch`,
+    or meet `latency_ms` (which wins over ratio), profiling for at most `profile_budget` seconds."""
+    latency = resolve_request(target, ratio, device, batch, latency_ms, profile_budget)
+    options = PlanOptions(ratio, target, round_to, min_channels, tuple(exclude or ()), seed, dict(method_options or {}))
+    return options, latency
+
+
+def compress(model, method: str = "l1", ratio: float | None = 0.5, *, options: PlanOptions | None = None,
+             latency: LatencyRequest | None = None, input_shapes: dict[str, list[int]] | None = None,
+             verify: bool = True, inputs=None, progress: Progress | None = None, **keywords) -> CompressResult:
     """Compress `model` (a path or an onnx.ModelProto) with a registered method.
 
-    ratio is the fraction of `target` (macs or params) to remove; `zeros` ignores it. Raises CompressorError on
-    bad input and VerificationError when the result does not match its reference.
-    target="latency" removes `ratio` of the latency measured on `device` (cuda[:N] or cpu:T) at `batch`, or meets
-    `latency_ms` (which wins over ratio); `profile_budget` bounds the profiling seconds. The method supplies the
-    importance, compressor.latency the cost; the report's "latency" section holds predicted vs measured latency.
-    `inputs` (optional): an iterable of {input name: array} dicts, e.g. real images, on which verification compares
-    the result with its reference in addition to the seeded random inputs.
+    What to remove comes as `options` (PlanOptions) and, for target="latency", `latency` (a LatencyRequest), as
+    the CLI builds them with `compress_options`; or, for short calls, as `ratio` and compress_options' keywords
+    (target, round_to, min_channels, exclude, seed, method_options, device, batch, latency_ms, profile_budget).
+    Raises CompressorError on bad input and VerificationError when the result does not match its reference.
+    With a latency request the method supplies the importance, compressor.latency the cost, and the report's
+    "latency" section holds predicted vs measured latency. `inputs` (optional): an iterable of {input name: array}
+    dicts, e.g. real images, on which verification compares the result with its reference in addition to the
+    seeded random inputs.
     """
     start = time.perf_counter()
     timings: dict[str, float] = {}
-    plan_fn = methods.get(method)
-    latency = resolve_request(target, ratio, device, batch, latency_ms, profile_budget)
-    options = PlanOptions(ratio, target, round_to, min_channels, tuple(exclude or ()), seed, dict(method_options or {}))
+    entry = methods.get(method)
+    if options is None:
+        try:
+            options, latency = compress_options(ratio, **keywords)
+        except TypeError as exc:
+            raise CompressorError(f"compress: {exc}") from exc
+    elif keywords:
+        raise CompressorError(f"compress: give options= or keywords ({', '.join(sorted(keywords))}), not both")
     methods.check_options(method, options.extra, LATENCY_OPTIONS if latency is not None else ())
     if latency is None:
-        options.validate(needs_ratio=method != "zeros")
+        options.validate(needs_ratio=entry.needs_ratio)
     else:
         replace(options, target="macs").validate(needs_ratio=latency.latency_ms is None)
     with _stage(timings, "analyze", progress):
@@ -95,15 +106,15 @@ def compress(model, method: str = "l1", ratio: float | None = 0.5, *, target: st
     original_bytes = analysis.proto.ByteSize()
     with _stage(timings, "plan", progress):
         planned = None if latency is None else plan_for_latency(analysis, method, options, latency, progress)
-        plan = plan_fn(analysis, options) if planned is None else planned.plan
-    if plan.is_empty() and method != "zeros":
+        plan = entry.plan(analysis, options) if planned is None else planned.plan
+    if plan.is_empty() and not entry.exact:
         raise CompressorError("nothing prunable: the plan removes no channel and no block")
     with _stage(timings, "surgery", progress):
         result = apply_plan(analysis, plan)
     verification = None
     if verify:
         with _stage(timings, "verify", progress):
-            reference = None if method == "zeros" else zeroed_reference(analysis, plan)
+            reference = None if entry.exact else zeroed_reference(analysis, plan)
             verification = _run_verification(analysis, reference, result, inputs)
     else:
         with _stage(timings, "check", progress):

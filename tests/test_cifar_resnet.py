@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import compressor
-from compressor.analysis import analyze
+from compressor.engine.analysis import analyze
 from tests.conftest import CIFAR_MODELS, assert_close_to_scale, export_onnx
 
 torch = pytest.importorskip("torch")
@@ -66,7 +66,7 @@ def test_zeros_removes_zeroed_filters_and_block_with_exact_macs(export_dir):
         x = torch.randn(4, 3, 32, 32)
         with torch.no_grad():
             expected = model(x).numpy()
-        from compressor.runtime import cpu_session
+        from compressor.runtime.sessions import cpu_session
 
         got = cpu_session(result.model).run(None, {result.model.graph.input[0].name: x[:1].numpy()})[0]
         assert_close_to_scale(got, expected[:1], 1e-5)

@@ -129,7 +129,7 @@ def test_bad_input_is_one_line_nonzero_and_writes_nothing(case, model, tmp_path)
 def test_compress_path_never_imports_torch(model, tmp_path):
     code = (
         "import sys, compressor; compressor.compress(sys.argv[1], method='l1', ratio=0.5); "
-        "import cli.compress_cmd, compressor.bench; "
+        "import cli.compress_cmd, compressor.runtime.bench; "
         "bad = [m for m in ('torch', 'torchvision') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )

@@ -12,7 +12,7 @@ from onnx import numpy_helper
 
 import compressor
 from cli.main import main
-from compressor.cost import model_cost
+from compressor.engine.cost import model_cost
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("torchvision")

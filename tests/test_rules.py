@@ -7,7 +7,7 @@ import pytest
 from onnx import helper
 
 import compressor
-from compressor.analysis import analyze
+from compressor.engine.analysis import analyze
 from compressor.errors import CompressorError
 from tests.graphs import GraphBuilder, head
 

@@ -9,11 +9,11 @@ from onnx import numpy_helper
 
 import compressor
 from compressor import methods
-from compressor.analysis import analyze
+from compressor.engine.analysis import analyze
 from compressor.errors import CompressorError
-from compressor.plan import PlanOptions
-from compressor.surgery import apply_plan, zeroed_reference
-from compressor.verify import RTOL, run_outputs, verify
+from compressor.engine.plan import PlanOptions
+from compressor.engine.surgery import apply_plan, zeroed_reference
+from compressor.engine.verify import RTOL, run_outputs, verify
 from tests.conftest import export_onnx
 from tests.graphs import GraphBuilder, head
 
@@ -54,7 +54,7 @@ def mis_slice_first_conv(analysis, result: onnx.ModelProto) -> onnx.ModelProto:
 
 def test_planted_wrong_slice_fails_on_tiny_outputs():
     analysis = analyze(tiny_output_model())
-    plan = methods.get("l1")(analysis, PlanOptions(0.5))
+    plan = methods.get("l1").plan(analysis, PlanOptions(0.5))
     result, reference = apply_plan(analysis, plan), zeroed_reference(analysis, plan)
     scale = max(float(np.max(np.abs(o))) for outs in run_outputs(reference, [{"x": np.ones((1, 4, 8, 8), np.float32)}])
                 for o in outs)
@@ -86,7 +86,7 @@ def test_caller_inputs_are_used_and_checked():
 def test_caller_inputs_alone_judge_the_result():
     """With no seeded inputs, the caller's inputs alone are compared, and a wrong slice fails on them."""
     analysis = analyze(tiny_output_model())
-    plan = methods.get("l1")(analysis, PlanOptions(0.5))
+    plan = methods.get("l1").plan(analysis, PlanOptions(0.5))
     wrong = mis_slice_first_conv(analysis, apply_plan(analysis, plan))
     real = [{"x": np.full((1, 4, 8, 8), 3.0, np.float32)}]
     outcome = verify(analysis.proto, zeroed_reference(analysis, plan), wrong, analysis.input_shapes, seeds=(),

@@ -13,11 +13,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import time
 from pathlib import Path
 
 from compressor.errors import CompressorError
+from compressor.files import write_text
 
 
 def default_cache_dir() -> Path:
@@ -28,12 +28,12 @@ def default_cache_dir() -> Path:
 
 def device_name(target) -> str:
     """A human name of the device behind `target`: the GPU's name for cuda targets, the CPU model for cpu ones."""
-    from compressor.bench_report import _cpu_model, _gpu_description
+    from compressor.runtime.probes import cpu_model, gpu_description
 
     if target.on_gpu:
-        name = _gpu_description(target.device_id).get("name")
+        name = gpu_description(target.device_id).get("name")
         return name or f"unknown GPU {target.device_id}"
-    return _cpu_model() or "unknown CPU"
+    return cpu_model() or "unknown CPU"
 
 
 def context_of(target, batch: int) -> dict[str, str | int]:
@@ -54,7 +54,6 @@ class LatencyCache:
         self.path = self.folder / f"{slug}.json"
         self.entries: dict[str, dict] = self._read()
         self.hits = 0
-        self.misses = 0
 
     def _read(self) -> dict[str, dict]:
         try:
@@ -71,7 +70,6 @@ class LatencyCache:
         """Cached milliseconds for `key`, or None."""
         entry = self.entries.get(key)
         if entry is None:
-            self.misses += 1
             return None
         self.hits += 1
         return float(entry["ms"])
@@ -88,11 +86,10 @@ class LatencyCache:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             merged = {**self._read(), **self.entries}
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.folder)
-            with os.fdopen(fd, "w") as handle:
-                json.dump({"context": self.context, "entries": merged}, handle, indent=1, sort_keys=True)
-            os.replace(tmp, self.path)
-        except OSError as exc:
-            raise CompressorError(f"cannot write the latency cache {self.path}: {exc.strerror or exc} "
+            text = json.dumps({"context": self.context, "entries": merged}, indent=1, sort_keys=True)
+            write_text(self.path, text)
+        except (OSError, CompressorError) as exc:
+            reason = getattr(exc, "strerror", None) or exc
+            raise CompressorError(f"cannot write the latency cache {self.path}: {reason} "
                                   "(set COMPRESSOR_CACHE to a writable folder)") from exc
         self._dirty = False

@@ -9,20 +9,24 @@ for at least that fraction of the MACs removed.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from compressor.errors import CompressorError
-from compressor.latency import check
+from compressor.latency import paired
+from compressor.latency.result import LatencyPlan
 from compressor.latency.allocate import BlockChoice, GroupChoice, ItemCost, allocate_latency
 from compressor.latency.importance import kept_value, method_scores, unit_values
-from compressor.latency.check import PairMeasurement
+from compressor.latency.paired import PairMeasurement
 from compressor.latency.request import LatencyRequest
 from compressor.latency.table import LatencyModel, build_latency_model
-from compressor.plan import Plan, kept_count, plan_from_counts, prunable_groups
+from compressor.engine.plan import MAX_RATE, Plan, kept_count, plan_from_counts, prunable_groups
 
-R_MAX = 0.9  # at most 90% of a group's channels go, as in the MAC-targeted allocators
+if TYPE_CHECKING:
+    from compressor.engine.analysis import Analysis
+
 LOOP_AIM = 0.97  # the closed loop aims a little under the budget (timing noise) ...
 LOOP_ACCEPT = 0.92  # ... and stops at a candidate measuring between this fraction of the budget and the budget
 LOOP_STEP = 0.7  # one correction moves the allocation budget by at most this factor (down) or its inverse (up)
@@ -30,32 +34,6 @@ LOOP_MARGIN = 0.1  # once the budget is bracketed, the next allocation budget st
 LOOP_REACH_STEP = 0.85  # two slow candidates this far apart in budget judge whether the budget is in reach at all
 LATENCY_OPTIONS = ("macs_ratio", "block_value")  # the --method-option keys this planner reads
 BLOCK_VALUE_FACTOR = 0.5  # default importance of a dropped residual branch relative to its channels (importance.py)
-
-
-@dataclass
-class LatencyPlan:
-    """The chosen plan, the latency model it was chosen with, and the report section (`info`).
-
-    budget_ms: the requested budget in the latency model's milliseconds (anchored on the original measured when
-    the table was built); predicted_ms: the latency model's prediction for the plan (model_predicted_ms, the same);
-    predicted_fraction: the prediction as a fraction of the original's latency, corrected by the closed loop's
-    earlier measurements; measured: the closed loop's measurement of this plan against the original (None when
-    the loop was off); ratio: the requested --ratio (None for --latency-ms).
-    """
-
-    plan: Plan
-    model: LatencyModel
-    budget_ms: float
-    predicted_ms: float
-    info: dict = field(default_factory=dict)
-    ratio: float | None = None
-    predicted_fraction: float = 1.0
-    measured: PairMeasurement | None = None
-
-    @property
-    def model_predicted_ms(self) -> float:
-        """The latency model's own prediction (no loop correction), in its milliseconds."""
-        return self.predicted_ms
 
 
 @dataclass
@@ -69,13 +47,13 @@ class _Candidate:
     seconds: float = 0.0
 
 
-def plan_for_latency(analysis, method: str, options, request: LatencyRequest, progress=None) -> LatencyPlan:
+def plan_for_latency(analysis: Analysis, method: str, options, request: LatencyRequest, progress=None) -> LatencyPlan:
     """Plan the compression of `analysis` so that its latency on request.target meets the budget.
 
     Open loop (settings.loop_iterations == 0): the plan whose predicted latency meets the budget. Closed loop (the
     default): the budget is a fraction of the original's latency (1 − ratio, or latency_ms over the original as
     measured beside each candidate), and each candidate is built and measured against the original on the target,
-    side by side (check.measure_pair, a paired ratio). The budget handed to the allocation is corrected, damped and
+    side by side (paired.measure_pair, a paired ratio). The budget handed to the allocation is corrected, damped and
     bounded (`_next_allocation_budget`), until a candidate measures within [LOOP_ACCEPT, 1] of the budget, for at
     most loop_iterations candidates and within the profile budget; `_choose` picks the result.
     """
@@ -152,13 +130,13 @@ def plan_for_latency(analysis, method: str, options, request: LatencyRequest, pr
                        chosen.corrected_fraction, chosen.measured)
 
 
-def _closed_loop(analysis, model: LatencyModel, candidate, first: _Candidate, budget: float, request: LatencyRequest,
+def _closed_loop(analysis: Analysis, model: LatencyModel, candidate, first: _Candidate, budget: float, request: LatencyRequest,
                  remaining_s: float | None, progress) -> list[_Candidate]:
     """Measure candidates and correct the allocation's budget until one measures within the window under the budget.
 
     Stops at a candidate inside [LOOP_ACCEPT, 1] of the budget, after loop_iterations candidates, when the profile
     budget would run out, or when the correction has nothing new to try (see _next_allocation_budget)."""
-    from compressor.surgery import apply_plan
+    from compressor.engine.surgery import apply_plan
 
     iterations = request.settings.loop_iterations
     tried = [first]
@@ -170,7 +148,7 @@ def _closed_loop(analysis, model: LatencyModel, candidate, first: _Candidate, bu
         if progress:
             progress(f"measuring candidate {len(tried)} on {request.target}")
         compressed = apply_plan(analysis, current.plan)
-        current.measured = check.measure_pair(analysis.proto, compressed, request, analysis.input_shapes)
+        current.measured = paired.measure_pair(analysis.proto, compressed, request, analysis.input_shapes)
         current.seconds = time.perf_counter() - start
         if remaining_s is not None:
             remaining_s -= current.seconds
@@ -334,13 +312,13 @@ def _loop_report(tried: list[_Candidate], chosen: _Candidate, full_ms: float) ->
              "seconds": round(t.seconds, 2), "chosen": t is chosen} for t in tried]
 
 
-def check_batch(analysis, batch: int) -> None:
+def check_batch(analysis: Analysis, batch: int) -> None:
     """CompressorError (one line, before any profiling) when an input has a fixed batch size other than `batch`.
 
     The model is not adapted: a fixed batch axis usually comes with batch-sized constants elsewhere in the graph
     (Reshape targets, Expand shapes), and a latency measured on a rewritten copy would not be the one deployed.
     """
-    from compressor.bench import graph_inputs
+    from compressor.runtime.inputs import graph_inputs
 
     for inp in graph_inputs(analysis.proto):
         dims = inp.type.tensor_type.shape.dim
@@ -363,28 +341,27 @@ def _macs_ratio(extra: dict) -> float | None:
     return value
 
 
-def item_macs(analysis, item, candidates: list) -> np.ndarray:
+def item_macs(analysis: Analysis, item, candidates: list) -> np.ndarray:
     """MACs of an item at every combination of candidate widths of its dims: each MAC term scales with the kept
     fraction of its input and of its output units (the engine's own cost model, Analysis.cost)."""
     shape = [len(c) for c in candidates]
     total = np.zeros(shape)
     names = set(item.nodes)
+
+    def kept(units: np.ndarray) -> np.ndarray:
+        """Kept units at every width combination: fixed units, plus each dim's share at its candidate width."""
+        owners = np.array([analysis.unit_group.get(int(u), -1) for u in units])
+        count_kept = np.full(shape, float(np.isin(owners, item.dims, invert=True).sum()))
+        for axis, (g, widths) in enumerate(zip(item.dims, candidates)):
+            count = int((owners == g).sum())
+            if count:
+                along = np.asarray(widths, dtype=np.float64) * count / analysis.groups[g].size
+                count_kept = count_kept + along.reshape([-1 if a == axis else 1 for a in range(len(shape))])
+        return count_kept
+
     for term in analysis.mac_terms:
-        if term.node not in names or not term.macs:
-            continue
-        value = np.full(shape, float(term.macs))
-        for units in (term.in_units, term.out_units):
-            if units is None or not len(units):
-                continue
-            owners = np.array([analysis.unit_group.get(int(u), -1) for u in units])
-            fraction = np.full(shape, float(np.isin(owners, item.dims, invert=True).sum()))
-            for axis, (g, widths) in enumerate(zip(item.dims, candidates)):
-                count = int((owners == g).sum())
-                if count:
-                    along = np.asarray(widths, dtype=np.float64) * count / analysis.groups[g].size
-                    fraction = fraction + along.reshape([-1 if a == axis else 1 for a in range(len(shape))])
-            value = value * fraction / len(units)
-        total += value
+        if term.node in names and term.macs:
+            total += term.scaled(kept)
     return total
 
 
@@ -400,11 +377,11 @@ def _block_value_factor(extra: dict) -> float:
 
 
 def _floor(group, min_channels: int) -> int:
-    """The narrowest width a group may keep: R_MAX, --min-channels and its blocked units."""
-    return max(kept_count(group.size, R_MAX, min_channels, 1), int((~group.prunable).sum()), 1)
+    """The narrowest width a group may keep: MAX_RATE, --min-channels and its blocked units."""
+    return max(kept_count(group.size, MAX_RATE, min_channels, 1), int((~group.prunable).sum()), 1)
 
 
-def _group_choices(analysis, floors: dict[int, int], scores: dict[int, np.ndarray], alignment: int
+def _group_choices(analysis: Analysis, floors: dict[int, int], scores: dict[int, np.ndarray], alignment: int
                    ) -> dict[int, GroupChoice]:
     """Candidate widths per group (multiples of the alignment from the floor up, and the full width)."""
     choices = {}
@@ -416,7 +393,7 @@ def _group_choices(analysis, floors: dict[int, int], scores: dict[int, np.ndarra
     return choices
 
 
-def _internal_groups(analysis, block: int, model: LatencyModel, variable: set[int]) -> tuple[int, ...]:
+def _internal_groups(analysis: Analysis, block: int, model: LatencyModel, variable: set[int]) -> tuple[int, ...]:
     """Variable groups produced inside the block's branch and read by no item outside it."""
     nodes = set(analysis.blocks[block].nodes)
     internal = []

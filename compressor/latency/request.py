@@ -38,7 +38,7 @@ class ProfileSettings:
 class LatencyRequest:
     """A validated `--target latency` request.
 
-    target: a compressor.bench.Target (cuda:N or cpu:T); batch: the deployed batch size; ratio: fraction of the
+    target: a compressor.runtime.targets.Target (cuda:N or cpu:T); batch: the deployed batch size; ratio: fraction of the
     measured latency to remove, or latency_ms: an absolute budget (which wins when both are given);
     profile_budget_s: a bound on profiling time (None: no bound) — the network, its skeleton and every layer at
     full width are always timed, the alignment probe and the width sweeps only while the budget lasts (layers left
@@ -71,9 +71,9 @@ def resolve_request(target: str, ratio: float | None, device: str | None, batch:
                     ) -> LatencyRequest | None:
     """The LatencyRequest for target 'latency' (None for other targets); CompressorError for bad or misplaced
     options. device defaults to cuda when this onnxruntime has it, else cpu:1; batch defaults to 1."""
-    from compressor.bench import check_provider_available, default_targets, parse_target
+    from compressor.runtime.targets import check_provider_available, default_targets, parse_target
 
-    from compressor.plan import TARGETS
+    from compressor.engine.plan import TARGETS
 
     if target not in (*TARGETS, LATENCY_TARGET):
         raise CompressorError(f"--target must be one of {', '.join((*TARGETS, LATENCY_TARGET))}, got '{target}'")

@@ -11,12 +11,16 @@ All math below is pure, vectorized float64 numpy on one group's filter matrix W 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from compressor.errors import CompressorError
-from compressor.methods import register
-from compressor.plan import Plan, PlanOptions, allocate, allocate_global, prunable_groups
+from compressor.methods.registry import register
+from compressor.engine.plan import MAX_RATE, Plan, PlanOptions, allocate, allocate_global, prunable_groups
+
+if TYPE_CHECKING:
+    from compressor.engine.analysis import Analysis
 
 DENSE_SOLVE_MAX_N = 128
 INVERSE_LEAF_N = 256
@@ -169,11 +173,6 @@ def layer_weights_from_lis(lis: dict[int, float]) -> dict[int, float]:
     return {g: 1.0 - value / top for g, value in lis.items()}
 
 
-def layer_rates(weights: dict[int, float], strength: float, r_min: float = 0.0, r_max: float = 0.9) -> dict[int, float]:
-    """Per-layer pruning rates r_g = clip(s · w_g, r_min, r_max) for strength s."""
-    return {g: float(np.clip(strength * w, r_min, r_max)) for g, w in weights.items()}
-
-
 def filter_scores(
     filters: np.ndarray,
     edges: str = "regression",
@@ -246,7 +245,7 @@ class GraphRwOptions:
     lis: str = "sum"  # [lis] sum | max
     layer_rates: str = "rmt"  # [layer_rates] rmt | uniform | global
     r_min: float = 0.0  # [rw_r_min]
-    r_max: float = 0.9  # [rw_r_max]
+    r_max: float = MAX_RATE  # [rw_r_max]
     tol: float = 1e-10  # [rw_tol] power-iteration tolerance on ||Δπ||₁
 
 
@@ -307,7 +306,7 @@ def _as_float(key: str, value: object) -> float:
     return number
 
 
-def score_groups(analysis, groups: list[int], opts: GraphRwOptions) -> tuple[dict[int, np.ndarray], dict[int, float]]:
+def score_groups(analysis: Analysis, groups: list[int], opts: GraphRwOptions) -> tuple[dict[int, np.ndarray], dict[int, float]]:
     """π (per unit) and LIS of each listed group, from analysis.group_filters."""
     scores, lis = {}, {}
     for g in groups:
@@ -317,8 +316,16 @@ def score_groups(analysis, groups: list[int], opts: GraphRwOptions) -> tuple[dic
     return scores, lis
 
 
-@register("graph-rw", options=tuple(_OPTION_FIELDS))
-def plan_graph_rw(analysis, options: PlanOptions) -> Plan:
+def scores_graph_rw(analysis: Analysis, options: PlanOptions) -> dict[int, np.ndarray]:
+    """Random-walk filter scores π of every prunable group (the importance graph-rw prunes by)."""
+    scores, _ = score_groups(analysis, prunable_groups(analysis, options), parse_graph_rw_options(options.extra))
+    return scores
+
+
+@register("graph-rw", options=tuple(_OPTION_FIELDS), scores=scores_graph_rw,
+          scores_note="graph-rw: random-walk filter scores from score_groups; its layer rates are replaced by the "
+                      "latency allocation")
+def plan_graph_rw(analysis: Analysis, options: PlanOptions) -> Plan:
     """Random-walk filter scores; per-layer rates from the random-matrix LIS (or uniform, or a global ranking).
 
     plan.group_info[g] = {"lis", "rate" (removed fraction of the group), "pruned" (local unit indices)}.

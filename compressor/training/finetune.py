@@ -174,7 +174,7 @@ def run_finetune(job: FinetuneJob, log: LogFn | None = print, progress: Progress
 
 def _stage_model(job: FinetuneJob, student: OnnxModule, data, pending: PendingWrites) -> dict:
     """Write the trained values into SLIM.onnx's graph, assert its MACs, check it against PyTorch, stage it."""
-    from compressor.cost import model_cost
+    from compressor.engine.cost import model_cost
 
     proto = write_back(student)
     macs_before, macs_after = model_cost(student.proto).macs, model_cost(proto).macs

@@ -4,7 +4,7 @@ onnx2torch 1.5.15 builds a torch.fx GraphModule with one submodule per ONNX node
 on the models of this project are closed here, and nothing else is patched:
 - weights reached through Identity chains (TorchScript exports of torchvision ResNet-50, EfficientNet-B0: KeyError
   on a Conv weight name): the model goes through the engine's loader first, which folds those chains into
-  initializers (compressor.loading);
+  initializers (compressor.engine.loading);
 - opset 18 and later (dynamo exports; TorchScript exports at the default opset of torch 2.9+): reductions take their
   axes as an input and onnx2torch has no converter for ReduceMean 18, Pad 18/19, Split 18 or Resize 18/19:
   converters for those versions are registered in onnx2torch's registry, reusing its
@@ -29,7 +29,7 @@ import torch.nn as nn
 from onnx import numpy_helper
 
 from compressor.errors import CompressorError
-from compressor.loading import load_model
+from compressor.engine.loading import load_model
 
 # ONNX op -> {torch parameter/buffer name: index of the node input holding it}
 WRITE_BACK_INPUTS = {

@@ -99,7 +99,8 @@ class GsmHooks(TrainHooks):
 
     def make_optimizer(self, model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
         """The GSM optimizer; structured groups are the AMSC width groups (inner convs with their BN)."""
-        from compressor.training.gsm import build_gsm_optimizer, filter_groups_for
+        from compressor.training.gsm import build_gsm_optimizer
+        from compressor.training.gsm_groups import filter_groups_for
 
         options = {"momentum": self.momentum, "decay": self.decay}
         if self.mode == "structured":

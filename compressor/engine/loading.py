@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, first_line
 
 MIN_OPSET = 9
 FOLD_MAX_ELEMENTS = 4096  # fold run-time computations of constants up to this size (shape and pad arithmetic)
@@ -36,12 +36,10 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
         try:
             proto = onnx.load(str(path), load_external_data=True)
         except Exception as exc:  # noqa: BLE001 - protobuf raises several unrelated types on corrupt input
-            raise CompressorError(f"cannot read ONNX model {path}: {_short(exc)}") from exc
+            raise CompressorError(f"cannot read ONNX model {path}: {first_line(exc, 200)}") from exc
         if not proto.graph.node:
             raise CompressorError(f"{path} is not an ONNX model (no graph nodes)")
-    opset = default_opset(proto)
-    if opset is None:
-        raise CompressorError("model has no default-domain opset import")
+    opset = model_opset(proto)
     if opset < MIN_OPSET:
         raise CompressorError(f"opset {opset} is not supported (need {MIN_OPSET} or newer); convert it with onnx.version_converter")
     normalize(proto)
@@ -54,6 +52,14 @@ def default_opset(proto: onnx.ModelProto) -> int | None:
         if entry.domain in ("", "ai.onnx"):
             return entry.version
     return None
+
+
+def model_opset(proto: onnx.ModelProto) -> int:
+    """The default-domain opset of a model; a CompressorError when it has none."""
+    opset = default_opset(proto)
+    if opset is None:
+        raise CompressorError("model has no default-domain opset import")
+    return opset
 
 
 def normalize(proto: onnx.ModelProto) -> None:
@@ -148,11 +154,6 @@ def _trivial_constant(node: onnx.NodeProto, consts: dict[str, onnx.TensorProto])
                 fill = numpy_helper.to_array(attr.t).reshape(-1)
         return np.full(tuple(int(s) for s in shape), fill[0], dtype=fill.dtype)
     return None
-
-
-def _short(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
 
 
 def parse_input_shapes(specs: list[str] | None) -> dict[str, list[int]]:

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from compressor.graph import GraphView, ensure_node_names
-from compressor.loading import load_model, resolve_input_shapes
-from compressor.shapes import infer_shapes
+from compressor.engine.graph import GraphView, ensure_node_names
+from compressor.engine.loading import load_model, resolve_input_shapes
+from compressor.engine.shapes import infer_shapes
 
 MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 

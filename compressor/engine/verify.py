@@ -21,9 +21,10 @@ from typing import Iterable, Mapping
 import numpy as np
 import onnx
 
-from compressor.errors import CompressorError, VerificationError
-from compressor.runtime import cpu_session
-from compressor.shapes import ONNX_TO_NUMPY, random_inputs, with_fixed_inputs
+from compressor.engine.shapes import with_fixed_inputs
+from compressor.errors import CompressorError, VerificationError, first_line
+from compressor.runtime.inputs import ONNX_TO_NUMPY, random_inputs
+from compressor.runtime.sessions import cpu_session
 
 RTOL = 1e-4
 NOISE_FACTOR = 10.0
@@ -68,8 +69,7 @@ def check_model(proto: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> N
         onnx.checker.check_model(proto, full_check=False)
         onnx.shape_inference.infer_shapes(with_fixed_inputs(proto, input_shapes), check_type=True, strict_mode=True)
     except Exception as exc:  # noqa: BLE001 - checker and inference raise several types
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise VerificationError(f"the compressed model fails the ONNX checker: {first}") from exc
+        raise VerificationError(f"the compressed model fails the ONNX checker: {first_line(exc)}") from exc
 
 
 def run_outputs(proto: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
@@ -79,13 +79,13 @@ def run_outputs(proto: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
     try:
         return [session.run(None, feed) for feed in feeds]
     except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise CompressorError(f"ONNX Runtime cannot run the verification inputs: {first}") from exc
+        raise CompressorError(f"ONNX Runtime cannot run the verification inputs: {first_line(exc)}") from exc
 
 
 def relative_errors(result: list[list[np.ndarray]], reference: list[list[np.ndarray]]) -> list[tuple[float, float]]:
     """Per output: (scale, relative error), scale = max|reference| over all runs, error = max|result - reference| /
-    scale. A zero output must match exactly; a NaN where the reference has none is an infinite error."""
+    scale. A zero output must match exactly; a NaN where the reference has none is an infinite error.
+    The one output comparison of the package (verification here, export checks in training/export.py)."""
     pairs = []
     for k in range(len(reference[0]) if reference else 0):
         worst, scale = 0.0, 0.0
