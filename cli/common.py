@@ -8,6 +8,7 @@ unwinds the stack, so `PendingWrites` discards what it staged).
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import sys
 
@@ -20,6 +21,7 @@ SUBCOMMANDS = {
     "bench": ("cli.bench_cmd", "Measure latency and memory of ONNX models with ONNX Runtime."),
     "triton": ("cli.triton_cmd", "Write a validated Triton model repository (config.pbtxt + model) for an ONNX model."),
     "train": ("cli.train_cmd", "Train or fine-tune a model in PyTorch (optionally with AMSC/GSM/a mask), export ONNX."),
+    "finetune": ("cli.finetune_cmd", "Fine-tune a compressed ONNX model with distillation from the original."),
 }
 
 
@@ -99,3 +101,18 @@ def run_typer(app: typer.Typer, argv: list[str], prog: str) -> None:
                    "(set COMPRESSOR_DEBUG=1 for a traceback)", err=True)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def command_line(ctx: typer.Context, prog: str) -> str:
+    """The command as an equivalent `prog ...` line (from the parsed options; defaults left out)."""
+    parts = shlex.split(prog)
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if value is None or value is False or value == param.default:
+            continue
+        if not param.opts[0].startswith("-"):
+            parts.append(str(value))
+            continue
+        flag = max(param.opts, key=len)
+        parts += [flag] if value is True else [flag, str(value)]
+    return shlex.join(parts)

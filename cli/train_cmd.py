@@ -3,11 +3,12 @@ write OUT.pt, OUT.onnx (dense), OUT.slim.onnx (zeros removed, checked against Py
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 from typing import Optional
 
 import typer
+
+from cli.common import command_line
 
 app = typer.Typer(add_completion=False, help="Train or fine-tune a model in PyTorch (optionally with AMSC/GSM/a mask), export ONNX.")
 
@@ -21,18 +22,6 @@ def _floats(text: Optional[str], option: str) -> Optional[tuple[float, ...]]:
         from compressor.errors import CompressorError
 
         raise CompressorError(f"{option} takes comma-separated numbers, got '{text}'") from None
-
-
-def _command_line(ctx: typer.Context) -> str:
-    """The command as an equivalent `compress train ...` line (from the parsed options)."""
-    parts = ["compress", "train"]
-    for param in ctx.command.params:
-        value = ctx.params.get(param.name)
-        if value is None or value is False or value == param.default:
-            continue
-        flag = max(param.opts, key=len)
-        parts += [flag] if value is True else [flag, str(value)]
-    return shlex.join(parts)
 
 
 @app.command()
@@ -76,6 +65,7 @@ def train(
     gsm: str = typer.Option("structured", "--gsm", help="GSM mode: structured | unstructured."),
     gsm_momentum: float = typer.Option(0.98, "--gsm-momentum"),
     gsm_decay: float = typer.Option(1e-4, "--gsm-decay"),
+    distill: bool = typer.Option(False, "--distill", help="Fine-tune with distillation from the starting model (T 4, alpha 0.9)."),
 ) -> None:
     """Train or fine-tune on CIFAR-10 (one GPU, or several under torchrun), export and slim the ONNX model."""
     from compressor.training.amsc_search import AmscOptions
@@ -90,8 +80,8 @@ def train(
                                sparse_epochs=sparse_epochs, sparse_lr=sparse_lr, penalty_in_loss=subgradient)
     job = TrainJob(model=model, data=str(data), out=str(out), init=str(init) if init else None, method=method,
                    prune=prune, ratio=ratio, config=config, amsc=amsc_options, gsm_mode=gsm, gsm_epochs=sparse_epochs,
-                   gsm_momentum=gsm_momentum, gsm_decay=gsm_decay, gsm_lr=sparse_lr, limit=limit, val_size=val_size,
-                   device=device, exporter=exporter, verify_images=verify_images, command=_command_line(ctx))
+                   gsm_momentum=gsm_momentum, gsm_decay=gsm_decay, gsm_lr=sparse_lr, distill=distill, limit=limit, val_size=val_size,
+                   device=device, exporter=exporter, verify_images=verify_images, command=command_line(ctx, "compress train"))
     metrics = run_job(job, log=lambda text: typer.echo(text, err=True))
     if metrics.get("macs_before") is not None:
         typer.echo(f"test top-1 {metrics['test_top1']:.2f}%  MACs -{100 * metrics['macs_reduction']:.1f}%  "

@@ -28,7 +28,7 @@ MODELS = {
 CASES = [(name, dynamo) for name in MODELS for dynamo in (False, True)]
 
 
-def _randomize_bn(model) -> None:
+def randomize_bn(model) -> None:
     """Give BN layers non-trivial statistics so folded and unfolded exports differ from the identity."""
     gen = torch.Generator().manual_seed(0)
     for m in model.modules():
@@ -49,7 +49,7 @@ def exported(export_dir):
             torch.manual_seed(0)
             kwargs = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
             model = getattr(torchvision.models, name)(weights=None, **kwargs).eval()
-            _randomize_bn(model)
+            randomize_bn(model)
             size = MODELS[name]
             cache[key] = export_onnx(model, torch.randn(1, 3, size, size), export_dir / f"{name}_{int(dynamo)}.onnx", dynamo)
         return cache[key]

@@ -9,6 +9,7 @@ Recipes (the sparse phase, then the fine-tune of `config.epochs` with the zero s
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import dataclass, field, replace
@@ -21,6 +22,7 @@ from compressor.errors import CompressorError
 from compressor.training.amsc import amsc_structure
 from compressor.training.amsc_search import AmscOptions, run_amsc
 from compressor.training.data import DEFAULT_VAL_SIZE, CifarData, load_cifar10_data
+from compressor.training.distill import DistillHooks
 from compressor.training.distributed import DistContext, init_distributed, shutdown_distributed
 from compressor.training.export import export_and_slim, removed_macs_fraction
 from compressor.training.loop import LogFn, TrainConfig, TrainHooks, evaluate, train
@@ -58,6 +60,7 @@ class TrainJob:
     command: str = ""
     masks: ParameterMasks | None = None  # precomputed masks (e.g. masks_from_result) instead of --prune planning
     plan_report: dict | None = None  # what to report about them
+    distill: bool = False  # fine-tune with distillation from the model as it starts (compressor.training.distill)
 
     def validate(self) -> None:
         """Raise CompressorError on inconsistent options."""
@@ -141,9 +144,12 @@ def run_job(job: TrainJob, data: CifarData | None = None, log: LogFn | None = pr
             metrics["init_val_top1"] = evaluate(model, data, "val", ctx=ctx)
             metrics["init_test_top1"] = evaluate(model, data, "test", ctx=ctx)
             say(f"init: val {metrics['init_val_top1']:.2f}%  test {metrics['init_test_top1']:.2f}%")
+        teacher = copy.deepcopy(model).eval() if job.distill else None
         masks, sparse_report = _sparse_phase(job, model, data, ctx, say)
         metrics.update(sparse_report)
         hooks: list[TrainHooks] = [MaskHooks(masks)] if masks is not None and len(masks) else []
+        if teacher is not None:
+            hooks.append(DistillHooks(teacher))
         if masks is not None:
             masks.apply(model)
         result = train(model, data, job.config, hooks, ctx, say)
