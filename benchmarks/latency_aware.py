@@ -116,7 +116,7 @@ def exported(name: str, work: Path, reuse: bool) -> str:
 
 def _summary(report: dict) -> dict:
     keep = ("method", "target", "ratio", "round_to", "macs_before", "macs_after", "params_before", "params_after",
-            "verified", "max_abs_diff_vs_reference", "blocks_removed", "blocks_total", "groups_pruned", "groups_total",
+            "verified", "relative_error_vs_reference", "blocks_removed", "blocks_total", "groups_pruned", "groups_total",
             "notes", "seconds", "stage_seconds", "latency")
     return {k: report.get(k) for k in keep}
 
@@ -192,6 +192,10 @@ def _loop_cell(latency: dict) -> str:
     loop = latency.get("closed_loop") or []
     cells = [("**{:.3f}**" if c["chosen"] else "{:.3f}").format(c["measured_fraction"]) for c in loop
              if c.get("measured_fraction") is not None]
+    baseline = latency.get("aligned_baseline")
+    if baseline:  # the aligned MAC baseline the loop measured at the chosen MACs (kept when it was better)
+        cells.append(("baseline r{} **{:.3f}**" if baseline["chosen"] else "baseline r{} {:.3f}").format(
+            baseline["round_to"], baseline["measured_fraction"]))
     budget = 1.0 - latency["ratio"] if latency.get("ratio") else None
     return (", ".join(cells) or "off") + (f" ({budget:.2f})" if budget else "")
 

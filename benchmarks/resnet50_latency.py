@@ -135,7 +135,7 @@ def compress_one(original: str, method: str, ratio: float, round_to: int, path: 
         return {"error": str(exc)}
     result.save(path)
     return {k: result.report.get(k) for k in ("macs_before", "macs_after", "params_before", "params_after",
-                                              "bytes_after", "verified", "max_abs_diff_vs_reference", "blocks_removed",
+                                              "bytes_after", "verified", "relative_error_vs_reference", "blocks_removed",
                                               "seconds")}
 
 
@@ -197,14 +197,14 @@ def _pick(value, default):
 
 
 def compression_table(records: list[dict]) -> str:
-    lines = ["## Compressed models", "", "| model | MACs x | params x | verified | max abs diff | blocks removed | seconds |",
+    lines = ["## Compressed models", "", "| model | MACs x | params x | verified | relative error | blocks removed | seconds |",
              "|---|---|---|---|---|---|---|"]
     for r in records:
         if "error" in r:
             lines.append(f"| {r['name']} | failed: {r['error']} | | | | | |")
             continue
         lines.append(f"| {r['name']} | {r['macs_after'] / r['macs_before']:.3f} | {r['params_after'] / r['params_before']:.3f} "
-                     f"| {r['verified']} | {r['max_abs_diff_vs_reference']:.2e} | {len(r['blocks_removed'] or [])} "
+                     f"| {r['verified']} | {r['relative_error_vs_reference']:.2e} | {len(r['blocks_removed'] or [])} "
                      f"| {r['seconds']:.1f} |")
     return "\n".join(lines) + "\n"
 

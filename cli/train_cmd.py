@@ -3,11 +3,12 @@ write OUT.pt, OUT.onnx (dense), OUT.slim.onnx (zeros removed, checked against Py
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 from typing import Optional
 
 import typer
+
+from cli.common import command_line
 
 app = typer.Typer(add_completion=False, help="Train or fine-tune a model in PyTorch (optionally with AMSC/GSM/a mask), export ONNX.")
 
@@ -21,22 +22,6 @@ def _floats(text: Optional[str], option: str) -> Optional[tuple[float, ...]]:
         from compressor.errors import CompressorError
 
         raise CompressorError(f"{option} takes comma-separated numbers, got '{text}'") from None
-
-
-def _command_line(ctx: typer.Context) -> str:
-    """The command as an equivalent `compress train ...` line (from the parsed options)."""
-    parts = ["compress", "train"]
-    for param in ctx.command.params:
-        value = ctx.params.get(param.name)
-        if value is None or value is False or value == param.default:
-            continue
-        flag = max(param.opts, key=len)
-        if isinstance(value, (list, tuple)):
-            for item in value:
-                parts += [flag, str(item)]
-        else:
-            parts += [flag] if value is True else [flag, str(value)]
-    return shlex.join(parts)
 
 
 @app.command()
@@ -115,8 +100,8 @@ def train(
                    prune=prune, ratio=ratio, config=config, amsc=amsc_options, gsm_mode=gsm, gsm_epochs=sparse_epochs,
                    gsm_momentum=gsm_momentum, gsm_decay=gsm_decay, gsm_lr=sparse_lr, limit=limit, val_size=val_size,
                    prune_options=prune_options, distill=str(distill) if distill else None, kd_temperature=kd_temperature,
-                   kd_weight=kd_weight,
-                   device=device, exporter=exporter, verify_images=verify_images, command=_command_line(ctx))
+                   kd_weight=kd_weight, device=device, exporter=exporter, verify_images=verify_images,
+                   command=command_line(ctx, "compress train"))
     metrics = run_job(job, log=lambda text: typer.echo(text, err=True))
     if metrics.get("macs_before") is not None:
         typer.echo(f"test top-1 {metrics['test_top1']:.2f}%  MACs -{100 * metrics['macs_reduction']:.1f}%  "

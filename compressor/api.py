@@ -15,10 +15,12 @@ import onnx
 from compressor import methods
 from compressor.engine.analysis import Analysis, analyze
 from compressor.engine.cost import ModelCost, view_cost
+from compressor.deploy.precision import PrecisionOptions, check_precision_request, convert_precision
 from compressor.errors import CompressorError, VerificationError
-from compressor.files import save_model
+from compressor.files import write_model
 from compressor.engine.graph import GraphView
-from compressor.latency import LatencyRequest, check_latency, flag_note, plan_for_latency, resolve_request
+from compressor.latency import LATENCY_OPTIONS, LatencyRequest, check_latency, flag_note, plan_for_latency, resolve_request
+from compressor.latency.request import in_precision
 from compressor.engine.plan import Plan, PlanOptions
 from compressor.engine.shapes import infer_shapes
 from compressor.engine.surgery import apply_plan, zeroed_reference
@@ -40,6 +42,11 @@ class CompressResult:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the model atomically (temp file, then rename); large models get an external data file."""
         return save_model(self.model, path)
+
+
+def save_model(proto: onnx.ModelProto, path: str | os.PathLike) -> Path:
+    """Write `proto` to `path` atomically; nothing is left behind on failure."""
+    return write_model(proto, path)
 
 
 @contextmanager
@@ -69,7 +76,8 @@ def compress_options(ratio: float | None = 0.5, *, target: str = "macs", round_t
 
 def compress(model, method: str = "l1", ratio: float | None = 0.5, *, options: PlanOptions | None = None,
              latency: LatencyRequest | None = None, input_shapes: dict[str, list[int]] | None = None,
-             verify: bool = True, progress: Progress | None = None, **keywords) -> CompressResult:
+             verify: bool = True, inputs=None, progress: Progress | None = None, precision: str = "fp32",
+             precision_calib=None, precision_options: PrecisionOptions | None = None, **keywords) -> CompressResult:
     """Compress `model` (a path or an onnx.ModelProto) with a registered method.
 
     What to remove comes as `options` (PlanOptions) and, for target="latency", `latency` (a LatencyRequest), as
@@ -77,11 +85,20 @@ def compress(model, method: str = "l1", ratio: float | None = 0.5, *, options: P
     (target, round_to, min_channels, exclude, seed, method_options, device, batch, latency_ms, profile_budget).
     Raises CompressorError on bad input and VerificationError when the result does not match its reference.
     With a latency request the method supplies the importance, compressor.latency the cost, and the report's
-    "latency" section holds predicted vs measured latency.
+    "latency" section holds predicted vs measured latency. `inputs` (optional): an iterable of {input name: array}
+    dicts, e.g. real images, on which verification compares the result with its reference in addition to the
+    seeded random inputs.
+    precision="fp16"|"int8" converts the verified fp32 result (compressor.deploy.precision) and reports its agreement
+    with fp32 on `precision_calib` (a .npy/.npz path, a calibration set or a list of feed dicts; default: `inputs`),
+    which int8 needs for its activation ranges; with a latency request, fp16 latency is what is measured.
     """
     start = time.perf_counter()
     timings: dict[str, float] = {}
     entry = methods.get(method)
+    if inputs is not None and iter(inputs) is inputs:  # a one-shot iterator serves verification and precision
+        inputs = list(inputs)
+    precision_calib = inputs if precision_calib is None else precision_calib
+    check_precision_request(precision, precision_calib is not None)
     if options is None:
         try:
             options, latency = compress_options(ratio, **keywords)
@@ -89,6 +106,8 @@ def compress(model, method: str = "l1", ratio: float | None = 0.5, *, options: P
             raise CompressorError(f"compress: {exc}") from exc
     elif keywords:
         raise CompressorError(f"compress: give options= or keywords ({', '.join(sorted(keywords))}), not both")
+    methods.check_options(method, options.extra, LATENCY_OPTIONS if latency is not None else ())
+    latency = in_precision(latency, precision)
     if latency is None:
         options.validate(needs_ratio=entry.needs_ratio)
     else:
@@ -107,7 +126,7 @@ def compress(model, method: str = "l1", ratio: float | None = 0.5, *, options: P
     if verify:
         with _stage(timings, "verify", progress):
             reference = None if entry.exact else zeroed_reference(analysis, plan)
-            verification = _run_verification(analysis, reference, result)
+            verification = _run_verification(analysis, reference, result, inputs)
     else:
         with _stage(timings, "check", progress):
             check_model(result, analysis.input_shapes)
@@ -119,17 +138,23 @@ def compress(model, method: str = "l1", ratio: float | None = 0.5, *, options: P
             report["latency"] = {**planned.info, **check_latency(analysis.proto, result, planned, latency,
                                                                  analysis.input_shapes)}
             report["notes"] += [n for n in [flag_note(report["latency"])] if n]
+    if precision != "fp32":
+        with _stage(timings, f"precision {precision}", progress):
+            stage_options = replace(precision_options or PrecisionOptions(), input_shapes=analysis.input_shapes)
+            result, report["precision"] = convert_precision(result, precision, precision_calib, stage_options)
+        report["bytes_after"] = result.ByteSize()
     report["seconds"] = round(time.perf_counter() - start, 3)
     report["stage_seconds"] = timings
     return CompressResult(result, report, plan, analysis, timings)
 
 
-def _run_verification(analysis: Analysis, reference, result):
-    outcome = verify(analysis.proto, reference, result, analysis.input_shapes)
+def _run_verification(analysis: Analysis, reference, result, inputs=None):
+    outcome = verify(analysis.proto, reference, result, analysis.input_shapes, inputs=inputs)
     if not outcome.passed:
         raise VerificationError(
-            f"verification failed: max abs diff {outcome.max_abs_diff_vs_reference:.3g} against the reference exceeds "
-            f"{outcome.tolerance:.3g}; nothing written (this is a bug: please report the model)"
+            f"verification failed: relative error {outcome.relative_error_vs_reference:.3g} against the reference "
+            f"exceeds the tolerance {outcome.relative_tolerance:.3g} (float32 noise of this model "
+            f"{outcome.runtime_noise:.2g}); nothing written (this is a bug: please report the model)"
         )
     return outcome
 
@@ -170,9 +195,12 @@ def build_report(analysis: Analysis, plan: Plan, options: PlanOptions, method: s
         "bytes_before": bytes_before,
         "bytes_after": bytes_after,
         "verified": verification.passed if verification else False,
-        "max_abs_diff_vs_reference": verification.max_abs_diff_vs_reference if verification else None,
-        "max_abs_diff_vs_original": verification.max_abs_diff_vs_original if verification else None,
-        "tolerance": verification.tolerance if verification else None,
+        "relative_error_vs_reference": verification.relative_error_vs_reference if verification else None,
+        "relative_tolerance": verification.relative_tolerance if verification else None,
+        "runtime_noise": verification.runtime_noise if verification else None,
+        "relative_error_vs_original": verification.relative_error_vs_original if verification else None,
+        "verification_inputs": verification.inputs if verification else None,
+        "verification_outputs": [vars(c) for c in verification.outputs] if verification else [],
         "groups_total": len(analysis.groups),
         "groups_pruned": sum(1 for g in groups if g["channels_after"] < g["channels_before"]),
         "groups": groups,

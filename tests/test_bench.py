@@ -298,3 +298,13 @@ def test_merge_reports_keeps_cells_and_per_target_settings(model_pair):
     assert len(merged.ratios()) == 2
     with pytest.raises(CompressorError, match="different models"):
         merge_reports([first, run_benchmark(model_pair[:1], ["cpu:1"], runs=1, isolate=False, with_cost=False)])
+
+
+def test_images_per_second_and_speedup_use_the_same_statistic(cpu_report):
+    """img/s is batch / p50 like the speedup, so the two columns of one row always agree (issue 10)."""
+    for m in cpu_report.measurements:
+        assert m.throughput == pytest.approx(m.batch * 1000.0 / m.p50_ms, rel=1e-12)
+    for row in cpu_report.ratios():
+        assert row["throughput_ratio"] == pytest.approx(row["speedup_p50"], rel=1e-12)
+    header = cpu_report.to_text().splitlines()[0]
+    assert "img/s (p50)" in header and "speedup (p50)" in header

@@ -450,7 +450,7 @@ def test_closed_loop_corrects_a_biased_model_and_stops_within_the_budget(cache_d
     calls = []
     monkeypatch.setattr(paired, "measure_pair", biased_pair(bias, calls))
     analysis = analyze(residual_net(width=64, blocks=3))
-    settings = ProfileSettings(**{**vars(FAST), "loop_iterations": 3})
+    settings = ProfileSettings(**{**vars(FAST), "loop_iterations": 3, "aligned_baseline": False})
     request = resolve_request("latency", 0.5, "cpu:1", 1, None, None, settings=settings)
     planned = plan_for_latency(analysis, "l1", PlanOptions(0.5, "latency"), request)
     loop = planned.info["closed_loop"]
@@ -475,7 +475,7 @@ def test_closed_loop_stops_at_the_first_candidate_inside_the_window(cache_dir, m
     open_loop = plan_for_latency(analysis, "l1", PlanOptions(0.5, "latency"),
                                  resolve_request("latency", 0.5, "cpu:1", 1, None, None, settings=FAST))
     fraction = biased_pair(1.0, [])(analysis.proto, apply_plan(analysis, open_loop.plan), None).fraction
-    settings = ProfileSettings(**{**vars(FAST), "loop_iterations": 3})
+    settings = ProfileSettings(**{**vars(FAST), "loop_iterations": 3, "aligned_baseline": False})
     planned = plan_for_latency(analysis, "l1", PlanOptions(0.5, "latency"),
                                resolve_request("latency", 0.5, "cpu:1", 1, None, None, settings=settings))
     if planner.LOOP_ACCEPT * 0.5 <= fraction <= 0.5:
@@ -596,7 +596,7 @@ def test_closed_loop_on_a_launch_bound_target_stops_without_removing_everything(
     calls = []
     monkeypatch.setattr(paired, "measure_pair", launch_bound_pair(calls, seed=seed))
     analysis = analyze(residual_net(width=64, blocks=3))
-    settings = ProfileSettings(**{**vars(FAST), "loop_iterations": 4})
+    settings = ProfileSettings(**{**vars(FAST), "loop_iterations": 4, "aligned_baseline": False})
     request = resolve_request("latency", ratio, "cpu:1", 1, None, None, settings=settings)
     planned = plan_for_latency(analysis, "l1", PlanOptions(ratio, "latency"), request)
     loop = planned.info["closed_loop"]

@@ -16,7 +16,7 @@ from compressor.engine.blocks import Block, find_blocks
 from compressor.engine.cost import is_param
 from compressor.errors import CompressorError
 from compressor.engine.graph import GraphView, ensure_node_names
-from compressor.engine.loading import load_model, model_opset, resolve_input_shapes
+from compressor.engine.loading import load_model, model_opset, refuse_quantized, resolve_input_shapes
 from compressor.engine.rules import RULES
 from compressor.engine.shapes import infer_shapes
 from compressor.engine.tracer import ParamSlice, Tracer
@@ -257,6 +257,7 @@ def _matches(name: str, pattern: str) -> bool:
 def analyze(model, input_shapes: dict[str, list[int]] | None = None) -> Analysis:
     """Load `model` (path or ModelProto) and analyze its channel dependencies and residual blocks."""
     proto = load_model(model)
+    refuse_quantized(proto)
     ensure_node_names(proto)
     shapes = resolve_input_shapes(proto, input_shapes)
     try:

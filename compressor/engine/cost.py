@@ -69,9 +69,12 @@ def view_cost(view: GraphView) -> ModelCost:
     layers = []
     for node in view.nodes:
         params = 0
-        for name in node.input:
+        # A QDQ model's weights are the integer inputs of DequantizeLinear; its scales and zero points are not params.
+        dequantize = node.op_type == "DequantizeLinear"
+        for position, name in enumerate(node.input):
             value = view.const(name)
-            if value is not None and name not in counted and is_param(value):
+            counts = (position == 0) if dequantize else value is not None and is_param(value)
+            if value is not None and name not in counted and counts:
                 counted.add(name)
                 params += int(value.size)
         macs = node_macs(node, view)

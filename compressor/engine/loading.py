@@ -185,8 +185,38 @@ def resolve_input_shapes(proto: onnx.ModelProto, overrides: dict[str, list[int]]
     shapes = {}
     for inp in inputs:
         if inp.name in overrides:
-            shapes[inp.name] = list(overrides[inp.name])
+            shapes[inp.name] = check_input_shape(inp, overrides[inp.name])
             continue
         dims = inp.type.tensor_type.shape.dim
         shapes[inp.name] = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in dims]
     return shapes
+
+
+def check_input_shape(inp: onnx.ValueInfoProto, shape: list[int]) -> list[int]:
+    """`shape` if it fits the declared shape of graph input `inp` (same rank, same fixed dims), else CompressorError."""
+    tensor_type = inp.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        return list(shape)
+    declared = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor_type.shape.dim]
+    text = "x".join(str(d) for d in shape)
+    wanted = "x".join("?" if d is None else str(d) for d in declared)
+    if len(declared) != len(shape):
+        raise CompressorError(f"--input-shape {inp.name}:{text} has rank {len(shape)} but the model's input "
+                              f"'{inp.name}' has rank {len(declared)} ({wanted})")
+    for axis, (fixed, given) in enumerate(zip(declared, shape)):
+        if fixed is not None and fixed != given:
+            raise CompressorError(f"--input-shape {inp.name}:{text}: dim {axis} is {given} but the model fixes it to "
+                                  f"{fixed} ({wanted}; ? dims are free)")
+    return list(shape)
+
+
+QUANTIZATION_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+                    "ConvInteger", "MatMulInteger", "QLinearAdd", "QLinearMul", "QGemm")
+
+
+def refuse_quantized(proto: onnx.ModelProto) -> None:
+    """Raise CompressorError for a quantized (QDQ or QOperator) model: compress the float model, then quantize."""
+    found = sorted({n.op_type for n in proto.graph.node if n.op_type in QUANTIZATION_OPS})
+    if found:
+        raise CompressorError(f"quantized models are not supported yet (this one has {', '.join(found)}): compress "
+                              f"the float model before quantizing it (then quantize the result)")

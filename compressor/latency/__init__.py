@@ -10,9 +10,9 @@ result (LatencyPlan), paired (side-by-side measurement), check (predicted vs mea
 """
 
 from compressor.latency.check import check_latency, flag_note
-from compressor.latency.planner import plan_for_latency
+from compressor.latency.planner import LATENCY_OPTIONS, plan_for_latency
 from compressor.latency.result import LatencyPlan
 from compressor.latency.request import LATENCY_TARGET, LatencyRequest, ProfileSettings, resolve_request
 
-__all__ = ["LATENCY_TARGET", "LatencyPlan", "LatencyRequest", "ProfileSettings", "check_latency", "flag_note",
+__all__ = ["LATENCY_OPTIONS", "LATENCY_TARGET", "LatencyPlan", "LatencyRequest", "ProfileSettings", "check_latency", "flag_note",
            "plan_for_latency", "resolve_request"]

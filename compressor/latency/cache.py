@@ -1,7 +1,7 @@
 """The on-disk latency cache: measured milliseconds per model structure, one JSON file per measuring context.
 
-A context is what makes a measurement valid elsewhere: the target (cuda:N or cpu:T), the batch size, the ONNX
-Runtime version and the device's name (GPU name, or CPU model). Entries are keyed by `micro.structure_key` of the
+A context is what makes a measurement valid elsewhere: the target (cuda:N or cpu:T), the batch size, the precision
+the models are timed in (fp32, fp16), the ONNX Runtime version and the device's name (GPU name, or CPU model). Entries are keyed by `micro.structure_key` of the
 measured model (the layer signature: ops, attributes, shapes; no names or weights), so the same layer in another
 model, or in a second run, is never measured twice.
 
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from compressor.errors import CompressorError
-from compressor.files import atomic_write
+from compressor.files import write_text
 
 
 def default_cache_dir() -> Path:
@@ -36,11 +36,12 @@ def device_name(target) -> str:
     return cpu_model() or "unknown CPU"
 
 
-def context_of(target, batch: int) -> dict[str, str | int]:
-    """The measuring context: target, batch, ONNX Runtime version, device name."""
+def context_of(target, batch: int, precision: str = "fp32") -> dict[str, str | int]:
+    """The measuring context: target, batch, precision of the timed models, ONNX Runtime version, device name."""
     import onnxruntime as ort
 
-    return {"target": target.label, "batch": int(batch), "onnxruntime": ort.__version__, "device": device_name(target)}
+    return {"target": target.label, "batch": int(batch), "precision": precision, "onnxruntime": ort.__version__,
+            "device": device_name(target)}
 
 
 class LatencyCache:
@@ -50,7 +51,7 @@ class LatencyCache:
         self.context = dict(context)
         self.folder = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         slug = "-".join(re.sub(r"[^A-Za-z0-9.]+", "_", str(self.context[k])).strip("_")
-                        for k in ("target", "batch", "onnxruntime", "device"))
+                        for k in ("target", "batch", "precision", "onnxruntime", "device"))
         self.path = self.folder / f"{slug}.json"
         self.entries: dict[str, dict] = self._read()
         self.hits = 0
@@ -87,7 +88,7 @@ class LatencyCache:
             self.folder.mkdir(parents=True, exist_ok=True)
             merged = {**self._read(), **self.entries}
             text = json.dumps({"context": self.context, "entries": merged}, indent=1, sort_keys=True)
-            atomic_write(self.path, lambda tmp: Path(tmp).write_text(text))
+            write_text(self.path, text)
         except (OSError, CompressorError) as exc:
             reason = getattr(exc, "strerror", None) or exc
             raise CompressorError(f"cannot write the latency cache {self.path}: {reason} "

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from compressor.deploy.fp16 import to_fp16
 from compressor.latency.request import LatencyRequest
 
 CHECK_WARMUP = {"gpu": 50, "cpu": 3}
@@ -37,8 +38,12 @@ class PairMeasurement:
 def measure_pair(original: onnx.ModelProto, candidate: onnx.ModelProto, request: LatencyRequest,
                  input_shapes: dict | None = None, warmup: int | None = None, runs: int | None = None
                  ) -> PairMeasurement:
-    """Time original and candidate on the request's target and batch (interleaved rounds, bench session options)."""
+    """Time original and candidate on the request's target and batch (interleaved rounds, bench session options),
+    both converted to the request's precision (fp16: fp32 inputs and outputs, as deployed)."""
     from compressor.runtime.bench import run_benchmark  # only a measuring run loads the benchmark runner
+
+    if request.precision == "fp16":
+        original, candidate = to_fp16(original), to_fp16(candidate)
 
     kind = "gpu" if request.target.on_gpu else "cpu"
     warmup = request.settings.check_warmup if warmup is None else warmup

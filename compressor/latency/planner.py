@@ -18,6 +18,7 @@ from compressor.errors import CompressorError
 from compressor.latency import paired
 from compressor.latency.result import LatencyPlan
 from compressor.latency.allocate import BlockChoice, GroupChoice, ItemCost, allocate_latency
+from compressor.latency.baseline import BaselineOutcome, measure_aligned_baseline, same_plan
 from compressor.latency.importance import kept_value, method_scores, unit_values
 from compressor.latency.paired import PairMeasurement
 from compressor.latency.request import LatencyRequest
@@ -32,6 +33,7 @@ LOOP_ACCEPT = 0.92  # ... and stops at a candidate measuring between this fracti
 LOOP_STEP = 0.7  # one correction moves the allocation budget by at most this factor (down) or its inverse (up)
 LOOP_MARGIN = 0.1  # once the budget is bracketed, the next allocation budget stays this share off either end
 LOOP_REACH_STEP = 0.85  # two slow candidates this far apart in budget judge whether the budget is in reach at all
+LATENCY_OPTIONS = ("macs_ratio", "block_value")  # the --method-option keys this planner reads
 BLOCK_VALUE_FACTOR = 0.5  # default importance of a dropped residual branch relative to its channels (importance.py)
 
 
@@ -99,11 +101,19 @@ def plan_for_latency(analysis: Analysis, method: str, options, request: LatencyR
     remaining = None if request.profile_budget_s is None else request.profile_budget_s - (time.perf_counter() - started)
     tried = _closed_loop(analysis, model, candidate, first, budget, request, remaining, progress)
     chosen, choice_note = _choose(tried, budget, model.full_ms, request)
+    remaining = None if request.profile_budget_s is None else request.profile_budget_s - (time.perf_counter() - started)
+    baseline = _aligned_baseline(analysis, method, options, model, chosen, tried, budget, request, remaining, progress)
+    if baseline is not None and baseline.wins:
+        widths = {g: analysis.groups[g].size - len(baseline.plan.removed.get(g, ())) for g in variable}
+        predicted = model.predict_ms(widths, baseline.plan.dropped_blocks)
+        chosen = _Candidate(baseline.plan, chosen.allocation, predicted, chosen.internal_budget_ms,
+                            predicted / model.full_ms, baseline.measured)
     plan, allocation, predicted = chosen.plan, chosen.allocation, chosen.predicted_ms
     info = _report_section(request, model, budget, predicted, allocation, method, score_note)
     info["macs_ratio"] = macs_ratio
     info["block_value_factor"] = block_factor
     info["closed_loop"] = _loop_report(tried, chosen, model.full_ms)
+    info["aligned_baseline"] = baseline.to_dict() if baseline is not None else None
     plan.notes.append(f"latency on {request.target} batch {request.batch}: measured {model.full_ms:.4g} ms, budget "
                       f"{budget:.4g} ms, predicted {predicted:.4g} ms (alignment {model.alignment}, "
                       f"{model.info['measured']} timed, {model.info['cache_hits']} from the cache)")
@@ -114,6 +124,8 @@ def plan_for_latency(analysis: Analysis, method: str, options, request: LatencyR
                           if chosen.measured else "closed loop: no measurement")
         if choice_note:
             plan.notes.append(choice_note)
+    if baseline is not None:
+        plan.notes.append(baseline.note(analysis.macs))
     if score_note:
         plan.notes.append(score_note)
     if not allocation.met:
@@ -161,11 +173,23 @@ def _closed_loop(analysis: Analysis, model: LatencyModel, candidate, first: _Can
             break
         nxt = candidate(internal)
         nxt.corrected_fraction = _measured_relation(tried, model, wanted * LOOP_AIM)[0](nxt.predicted_ms)
-        if any(_same_plan(nxt.plan, t.plan) for t in tried):
+        if any(same_plan(nxt.plan, t.plan) for t in tried):
             break
         tried.append(nxt)
         current = nxt
     return tried
+
+
+def _aligned_baseline(analysis: Analysis, method: str, options, model: LatencyModel, chosen: _Candidate,
+                      tried: list[_Candidate], budget: float, request: LatencyRequest, remaining_s: float | None,
+                      progress) -> BaselineOutcome | None:
+    """The aligned MAC baseline judged against the choice (closed loop only, within the profile budget)."""
+    if not request.settings.aligned_baseline or chosen.measured is None or (
+            remaining_s is not None and remaining_s < chosen.seconds):
+        return None
+    wanted = _wanted(tried, budget, model.full_ms, request)
+    return measure_aligned_baseline(analysis, method, options, model.alignment, chosen.plan, chosen.measured.fraction,
+                                    wanted, request, progress)
 
 
 def _wanted(tried: list[_Candidate], budget: float, full_ms: float, request: LatencyRequest) -> float:
@@ -257,11 +281,6 @@ def _measured_relation(tried: list[_Candidate], model: LatencyModel, aim: float)
         return float(min(max(p0 + (m - m0) / slope, 1e-6 * model.full_ms), model.full_ms))
 
     return to_fraction, to_predicted
-
-
-def _same_plan(a: Plan, b: Plan) -> bool:
-    return a.dropped_blocks == b.dropped_blocks and {g: len(v) for g, v in a.removed.items() if len(v)} == {
-        g: len(v) for g, v in b.removed.items() if len(v)}
 
 
 def _choose(tried: list[_Candidate], budget: float, full_ms: float, request: LatencyRequest

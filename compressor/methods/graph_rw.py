@@ -345,8 +345,9 @@ def scores_graph_rw(analysis: Analysis, options: PlanOptions) -> dict[int, np.nd
     return scores
 
 
-@register("graph-rw", scores=scores_graph_rw, scores_note="graph-rw: random-walk filter scores from score_groups; "
-          "its layer rates are replaced by the latency allocation")
+@register("graph-rw", options=tuple(_OPTION_FIELDS), scores=scores_graph_rw,
+          scores_note="graph-rw: random-walk filter scores from score_groups; its layer rates are replaced by the "
+                      "latency allocation")
 def plan_graph_rw(analysis: Analysis, options: PlanOptions) -> Plan:
     """Random-walk filter scores; per-layer rates from the random-matrix LIS (or uniform, or a global ranking).
 

@@ -3,6 +3,7 @@
 A method is a planning function `plan(analysis, options) -> Plan` registered with its metadata by
 `@register("name", needs_ratio=..., exact=..., scores=...)`:
 
+- options: the `--method-option` keys it reads from PlanOptions.extra (any other key is an error);
 - needs_ratio: whether `--ratio` (or a latency budget) is required; a method without one cannot target latency;
 - exact: the method only removes what is already zero, so the result must equal the original (it is verified
   against the original, and an empty plan is a valid answer);
@@ -41,17 +42,18 @@ class Method:
     exact: bool = False
     scores: ScoresFn | None = None
     scores_note: str | None = None
+    options: tuple[str, ...] = ()
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, *, needs_ratio: bool = True, exact: bool = False, scores: ScoresFn | None = None,
-             scores_note: str | None = None) -> Callable[[PlanFn], PlanFn]:
+def register(name: str, *, options: tuple[str, ...] = (), needs_ratio: bool = True, exact: bool = False,
+             scores: ScoresFn | None = None, scores_note: str | None = None) -> Callable[[PlanFn], PlanFn]:
     """Register a planning function under `name` with its metadata (see the module docstring)."""
 
     def decorator(fn: PlanFn) -> PlanFn:
-        METHODS[name] = Method(name, fn, needs_ratio, exact, scores, scores_note)
+        METHODS[name] = Method(name, fn, needs_ratio, exact, scores, scores_note, tuple(options))
         return fn
 
     return decorator
@@ -75,3 +77,13 @@ def get(name: str) -> Method:
     if name not in METHODS:
         raise CompressorError(f"unknown method '{name}' (choose from: {', '.join(sorted(METHODS))})")
     return METHODS[name]
+
+
+def check_options(name: str, keys, also_known: tuple[str, ...] = ()) -> None:
+    """Raise CompressorError for an option key method `name` does not read ('-' and '_' are the same);
+    `also_known` adds keys read elsewhere (e.g. by the latency planner)."""
+    known = get(name).options + tuple(also_known)
+    unknown = [k for k in keys if str(k).replace("-", "_") not in known]
+    if unknown:
+        listed = f"its options: {', '.join(known)}" if known else "it takes no options"
+        raise CompressorError(f"unknown option '{unknown[0]}' for method {name} ({listed})")

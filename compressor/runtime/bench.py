@@ -21,7 +21,8 @@ import onnx
 
 from compressor.errors import CompressorError
 from compressor.runtime.handles import ChildSession, LocalSession, SessionHandle, megabytes
-from compressor.runtime.inputs import InputSpec, ModelRef, read_graph_inputs, specs_from_inputs
+from compressor.deploy.precision import model_precision
+from compressor.runtime.inputs import InputSpec, ModelRef, graph_inputs, read_model_header, specs_from_inputs
 from compressor.runtime.probes import GpuMemoryProbe, capture_environment, primed_gpu_probe
 from compressor.runtime.report import BenchReport, Measurement, ModelInfo
 from compressor.runtime.sessions import session_options_dict
@@ -73,7 +74,8 @@ def _prepare_jobs(models: list[ModelRef], names: list[str] | None, input_shapes:
         raise CompressorError(f"{len(names)} names given for {len(models)} models")
     jobs = []
     for index, (model, name) in enumerate(zip(models, names)):
-        inputs = read_graph_inputs(model)
+        header = read_model_header(model)
+        inputs = graph_inputs(header)
         no_cost = (None, None, None)
         macs, params, cost_error = _model_cost(model, specs_from_inputs(inputs, None, input_shapes)) if with_cost else no_cost
         if isinstance(model, onnx.ModelProto):
@@ -83,7 +85,7 @@ def _prepare_jobs(models: list[ModelRef], names: list[str] | None, input_shapes:
         else:
             path, file_bytes, shown_path = str(model), os.path.getsize(model), str(model)
         info = ModelInfo(index=index, name=name, path=shown_path, file_bytes=file_bytes, macs=macs, params=params,
-                         cost_error=cost_error)
+                         cost_error=cost_error, precision=model_precision(header))
         jobs.append(Job(index, info, inputs, path))
     return jobs
 
@@ -130,7 +132,7 @@ def _measurement(job: Job, target: Target, batch: int, specs: list[InputSpec], h
         round_medians_ms=[float(np.median(chunk)) for chunk in rounds_ms], session_create_s=handle.opened.create_s,
         first_run_s=handle.opened.first_run_s,
         memory=memory, file_bytes=job.info.file_bytes, macs=job.info.macs, params=job.info.params,
-        cuda_graph=cuda_graph and target.on_gpu, pinned_cores=handle.opened.pinned_cores,
+        cuda_graph=cuda_graph and target.on_gpu, pinned_cores=handle.opened.pinned_cores, precision=job.info.precision,
     )
 
 

@@ -26,8 +26,13 @@ class InputSpec:
 
 def read_graph_inputs(model: ModelRef) -> list[onnx.ValueInfoProto]:
     """The fed inputs of a model path or proto, without loading external weights; CompressorError when unreadable."""
+    return graph_inputs(read_model_header(model))
+
+
+def read_model_header(model: ModelRef) -> onnx.ModelProto:
+    """The model without its external weights (a proto is returned as is); CompressorError when unreadable."""
     if isinstance(model, onnx.ModelProto):
-        return graph_inputs(model)
+        return model
     path = Path(model)
     if not path.is_file():
         raise CompressorError(f"model file not found: {path}")
@@ -37,7 +42,7 @@ def read_graph_inputs(model: ModelRef) -> list[onnx.ValueInfoProto]:
         raise CompressorError(f"cannot read ONNX model {path}: {first_line(exc, 200)}") from exc
     if not proto.graph.node:
         raise CompressorError(f"{path} is not an ONNX model (no graph nodes)")
-    return graph_inputs(proto)
+    return proto
 
 
 def input_specs(model: onnx.ModelProto, batch: int | None, input_shapes: dict[str, list[int]] | None = None) -> list[InputSpec]:

@@ -29,6 +29,7 @@ class ModelInfo:
     macs: int | None
     params: int | None
     cost_error: str | None = None
+    precision: str | None = None  # fp32, fp16 or int8, read from the graph
 
 
 @dataclass
@@ -59,6 +60,7 @@ class Measurement:
     params: int | None = None
     cuda_graph: bool = False
     pinned_cores: list[int] | None = None
+    precision: str | None = None
 
     def percentile_ms(self, q: float) -> float:
         """The q-th percentile (0-100, linear interpolation) of the latency samples."""
@@ -91,8 +93,8 @@ class Measurement:
 
     @property
     def throughput(self) -> float:
-        """Images (batch items) per second over the timed runs."""
-        return self.batch * 1000.0 / self.mean_ms
+        """Images (batch items) per second at the median latency (the statistic speedups use too)."""
+        return self.batch * 1000.0 / self.p50_ms
 
     @property
     def memory_mb(self) -> float | None:
@@ -164,12 +166,14 @@ class BenchReport:
                 "environment": self.environment}
 
     def save_json(self, path: str | os.PathLike) -> None:
-        """Write to_dict() as indented JSON."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        """Write to_dict() as indented JSON (atomically)."""
+        from compressor.files import write_text
+
+        write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     def _table_rows(self) -> tuple[list[str], list[list[str]]]:
-        header = ["model", "target", "batch", "MACs", "params", "p50 ms", "p90 ms", "p99 ms", "img/s", "speedup",
-                  "MACs x", "mem MB", "create s"]
+        header = ["model", "prec", "target", "batch", "MACs", "params", "p50 ms", "p90 ms", "p99 ms", "img/s (p50)",
+                  "speedup (p50)", "MACs x", "mem MB", "create s"]
         speedups = {(r["model"], r["target"], r["batch"]): r["speedup_p50"] for r in self.ratios()}
         rows = []
         for target, batch in self.cells():
@@ -177,7 +181,7 @@ class BenchReport:
             base = group[0]
             for m in group:
                 speedup = 1.0 if m.model_index == 0 else speedups.get((m.model, m.target, m.batch))
-                rows.append([m.model, m.target, str(m.batch), _human(m.macs), _human(m.params),
+                rows.append([m.model, m.precision or "?", m.target, str(m.batch), _human(m.macs), _human(m.params),
                              f"{m.p50_ms:.3f}", f"{m.p90_ms:.3f}", f"{m.p99_ms:.3f}", f"{m.throughput:.1f}",
                              _fmt(speedup, 1, 2, suffix="x"), _fmt(_ratio(m.macs, base.macs), 1, 3),
                              _fmt(m.memory_mb, 1, 1), f"{m.session_create_s:.2f}"])
@@ -329,7 +333,7 @@ def plot_report(report: BenchReport, path: str | os.PathLike) -> None:
     handles, labels = figure.axes[0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="lower center", ncol=min(4, len(names)), fontsize="small", frameon=False)
     figure.tight_layout(rect=(0, 0.04 + 0.03 * ((len(names) + 3) // 4) / rows, 1, 1))
-    figure.savefig(str(path), dpi=120)
+    figure.savefig(str(path), dpi=120, format="png")
 
 
 def _plot_x(group: list[Measurement]) -> tuple[list[float], str]:

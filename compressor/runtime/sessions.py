@@ -45,9 +45,10 @@ def execution_providers(target: Target, cuda_graph: bool = False) -> list[tuple[
         "enable_cuda_graph": "1" if cuda_graph else "0",
     }
     if target.kind == "tensorrt":
-        trt = {"device_id": str(target.device_id), "trt_cuda_graph_enable": "1" if cuda_graph else "0"}
+        trt = {"device_id": str(target.device_id), "trt_cuda_graph_enable": "1" if cuda_graph else "0",
+               **dict(target.options)}
         return [("TensorrtExecutionProvider", trt), ("CUDAExecutionProvider", cuda)]
-    return [("CUDAExecutionProvider", cuda)]
+    return [("CUDAExecutionProvider", {**cuda, **dict(target.options)})]
 
 
 def preload_cuda_libraries() -> None:
@@ -77,16 +78,20 @@ def new_session(model: str | bytes, options: Any, providers: list) -> Any:
     return onnxruntime_module().InferenceSession(model, sess_options=options, providers=providers)
 
 
-def cpu_session(proto: onnx.ModelProto, threads: int = 0) -> Any:
-    """A CPU session for an in-memory model with basic graph optimizations (verification and shape probing)."""
+def cpu_session(proto: onnx.ModelProto | str, threads: int = 0, optimization: str = "basic") -> Any:
+    """A CPU session for an in-memory model or a model file (verification, shape probing, load-back checks);
+    `optimization` is ORT's graph optimization level: "disable", "basic" or "all"."""
     ort = onnxruntime_module()
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    options.graph_optimization_level = levels[optimization]
     if threads:
         options.intra_op_num_threads = threads
     try:
-        return new_session(proto.SerializeToString(), options, ["CPUExecutionProvider"])
+        model = proto if isinstance(proto, str) else proto.SerializeToString()
+        return new_session(model, options, ["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
         raise CompressorError(f"ONNX Runtime cannot load the model: {first_line(exc)}") from exc
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from compressor.datasets import CIFAR10_MEAN, CIFAR10_STD, balanced_subset, cifar10_members, load_cifar10
+from compressor.datasets import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, balanced_subset, cifar10_members, load_cifar10
 from compressor.errors import CompressorError
 
 DEFAULT_VAL_SIZE = 5000
@@ -35,6 +35,9 @@ class CifarData:
     test_images: torch.Tensor
     test_labels: torch.Tensor
     decoder: str = "pillow"
+    mean: tuple[float, ...] = tuple(float(v) for v in CIFAR10_MEAN)
+    std: tuple[float, ...] = tuple(float(v) for v in CIFAR10_STD)
+    classes: tuple[str, ...] = CIFAR10_CLASSES
 
     @property
     def device(self) -> torch.device:
@@ -42,9 +45,9 @@ class CifarData:
         return self.train_images.device
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 NCHW images -> float32 NCHW normalized with mean/std of the checkpoints (on the images' device)."""
-        mean = torch.as_tensor(CIFAR10_MEAN, device=images.device).view(1, 3, 1, 1)
-        std = torch.as_tensor(CIFAR10_STD, device=images.device).view(1, 3, 1, 1)
+        """uint8 NCHW images -> float32 NCHW normalized with this data's mean/std (on the images' device)."""
+        mean = torch.as_tensor(self.mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+        std = torch.as_tensor(self.std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
         return (images.float() / 255.0 - mean) / std
 
     def sizes(self) -> dict[str, int]:

@@ -37,7 +37,8 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     hard = F.cross_entropy(student, labels.clamp(min=0), reduction="none")
     hard = (hard * labeled).sum() / count.clamp(min=1)
     # without any labeled item in the batch the soft term carries the whole weight
-    weight = torch.where(count > 0, torch.tensor(alpha, device=student.device), torch.tensor(1.0, device=student.device))
+    has_labels = (count > 0).float()
+    weight = alpha * has_labels + (1.0 - has_labels)
     return weight * soft + (1.0 - weight) * hard
 
 

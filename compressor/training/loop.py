@@ -24,6 +24,7 @@ from compressor.training.distributed import DistContext
 
 SCHEDULES = ("cosine", "onecycle", "constant")
 LogFn = Callable[[str], None]
+ProgressFn = Callable[[int, int, str], None]  # (done, total, what): e.g. compressor.bench_report.progress_bar
 
 
 @dataclass
@@ -142,10 +143,11 @@ def evaluate(model: nn.Module, data: CifarData, split: str = "val", batch_size: 
 
 
 def train(model: nn.Module, data: CifarData, config: TrainConfig, hooks: Sequence[TrainHooks] = (),
-          ctx: DistContext | None = None, log: LogFn | None = None) -> TrainResult:
+          ctx: DistContext | None = None, log: LogFn | None = None, progress: ProgressFn | None = None) -> TrainResult:
     """Train `model` (already on data.device) for config.epochs; validation top-1 after every `eval_every` epochs.
 
     Under a multi-process DistContext the model trains wrapped in DistributedDataParallel; `model` itself is updated.
+    `progress` (rank 0) is called after every step with (steps done, total steps, a status line).
     """
     ctx = ctx or DistContext(device=data.device)
     say = log if (log and ctx.is_main) else (lambda _text: None)
@@ -187,6 +189,8 @@ def train(model: nn.Module, data: CifarData, config: TrainConfig, hooks: Sequenc
                 sums[1] += (logits.argmax(1) == y).sum()
                 sums[2] += len(y)
             step += 1
+            if progress and ctx.is_main:
+                progress(step, total_steps, f"epoch {epoch + 1}/{config.epochs}")
         ctx.all_reduce_sum(sums)
         record = {"epoch": epoch + 1, "lr": learning_rate(config, step / total_steps),
                   "train_loss": float(sums[0] / sums[2].clamp(min=1)), "train_top1": 100.0 * float(sums[1] / sums[2].clamp(min=1)),

@@ -11,6 +11,7 @@ instead of from the labels alone.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import dataclass, field, replace
@@ -62,7 +63,9 @@ class TrainJob:
     masks: ParameterMasks | None = None  # precomputed masks (e.g. masks_from_result) instead of --prune planning
     plan_report: dict | None = None  # what to report about them
     prune_options: dict = field(default_factory=dict)  # compressor.compress keywords of the --prune plan (target...)
-    distill: str | None = None  # teacher checkpoint: the fine-tune distills from it (compressor.training.distill)
+    # the fine-tune distills (compressor.training.distill) from a teacher checkpoint (a path: `--distill TEACHER.pt`)
+    # or, with True, from the model as it starts
+    distill: str | bool | None = None
     kd_temperature: float = DEFAULT_TEMPERATURE
     kd_weight: float = DEFAULT_ALPHA
 
@@ -80,7 +83,7 @@ class TrainJob:
             raise CompressorError(f"unknown exporter '{self.exporter}' (auto, dynamo or torchscript)")
         if self.method == "amsc":
             replace(self.amsc, ratio=self.ratio if self.ratio is not None else self.amsc.ratio).validate()
-        for checkpoint in (self.init, self.distill):
+        for checkpoint in (self.init, self.distill if isinstance(self.distill, str) else None):
             if checkpoint and not Path(checkpoint).is_file():
                 raise CompressorError(f"checkpoint not found: {checkpoint}")
         if self.kd_temperature <= 0 or not 0.0 <= self.kd_weight <= 1.0:
@@ -152,12 +155,15 @@ def run_job(job: TrainJob, data: CifarData | None = None, log: LogFn | None = pr
             metrics["init_val_top1"] = evaluate(model, data, "val", ctx=ctx)
             metrics["init_test_top1"] = evaluate(model, data, "test", ctx=ctx)
             say(f"init: val {metrics['init_val_top1']:.2f}%  test {metrics['init_test_top1']:.2f}%")
+        teacher = copy.deepcopy(model).eval() if job.distill is True else None
         masks, sparse_report = _sparse_phase(job, model, data, ctx, say)
         metrics.update(sparse_report)
         hooks: list[TrainHooks] = [MaskHooks(masks)] if masks is not None and len(masks) else []
         if job.distill:
-            hooks.append(DistillHooks(load_teacher(job, ctx.device), job.kd_temperature, job.kd_weight))
-            metrics["distill"] = {"teacher": job.distill, "temperature": job.kd_temperature, "weight": job.kd_weight}
+            teacher = teacher if teacher is not None else load_teacher(job, ctx.device)
+            hooks.append(DistillHooks(teacher, job.kd_temperature, job.kd_weight))
+            metrics["distill"] = {"teacher": "the starting model" if job.distill is True else job.distill,
+                                  "temperature": job.kd_temperature, "weight": job.kd_weight}
         if masks is not None:
             masks.apply(model)
         result = train(model, data, job.config, hooks, ctx, say)
