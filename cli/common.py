@@ -114,5 +114,6 @@ def command_line(ctx: typer.Context, prog: str) -> str:
             parts.append(str(value))
             continue
         flag = max(param.opts, key=len)
-        parts += [flag] if value is True else [flag, str(value)]
+        for item in value if isinstance(value, (list, tuple)) else [value]:  # repeated options once per value
+            parts += [flag] if item is True else [flag, str(item)]
     return shlex.join(parts)

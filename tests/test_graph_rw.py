@@ -318,3 +318,20 @@ def test_rates_hit_the_mac_target_on_resnet50(tmp_path):
     for ratio, layer_rates in ((0.5, "rmt"), (0.3, "global")):
         plan = plan_with(analysis, ratio, layer_rates=layer_rates)
         assert abs(reached(analysis, plan) - ratio) <= 0.02, (layer_rates, ratio)
+
+
+def test_scale_invariant_variant_ignores_filter_norms():
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(24, 40))
+    w[5] = w[2] + 0.1 * rng.normal(size=40)  # some dependency structure
+    scaled = w * rng.uniform(0.05, 3.0, size=(24, 1))
+    plain, _ = rw.filter_scores(w)
+    plain_scaled, _ = rw.filter_scores(scaled)
+    unit, unit_lis = rw.filter_scores(w, normalize=True)
+    unit_scaled, unit_scaled_lis = rw.filter_scores(scaled, normalize=True)
+    assert np.allclose(unit, unit_scaled, rtol=1e-9, atol=1e-12 * unit.max())
+    assert unit_lis == pytest.approx(unit_scaled_lis, rel=1e-9)
+    assert np.abs(plain - plain_scaled).max() > 0.1 * plain.max()  # the default follows the norms
+    assert rw.parse_graph_rw_options({"rw_normalize": "true"}).normalize is True
+    with pytest.raises(CompressorError):
+        rw.parse_graph_rw_options({"rw_normalize": "maybe"})
