@@ -158,7 +158,7 @@ def measure_latency(models: dict[str, str], runs: int, log) -> dict[str, dict[st
     for target, batch in cells:
         key = f"{target} b{batch}"
         try:
-            from compressor.bench import run_benchmark
+            from compressor.runtime.bench import run_benchmark
 
             report = run_benchmark(paths, [target], [batch], warmup=10, runs=runs, rounds=5, names=names,
                                    environment=False)
@@ -166,9 +166,9 @@ def measure_latency(models: dict[str, str], runs: int, log) -> dict[str, dict[st
                 if target.startswith("cuda") and m.provider != "CUDAExecutionProvider":
                     raise RuntimeError(f"{m.model} ran on {m.provider}")
                 result[m.model][key] = round(m.percentile_ms(50), 4)
-            source = "compressor.bench"
+            source = "compressor.runtime.bench"
         except Exception as exc:  # noqa: BLE001 - fall back to a plain timer rather than lose the row
-            log(f"compressor.bench failed for {key} ({type(exc).__name__}: {exc}); using a simple timer")
+            log(f"compressor.runtime.bench failed for {key} ({type(exc).__name__}: {exc}); using a simple timer")
             for name, path in models.items():
                 result[name][key] = simple_latency(path, target, batch, runs)
             source = "simple timer"

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from compressor import compress  # noqa: E402
-from compressor.analysis import analyze  # noqa: E402
+from compressor.engine.analysis import analyze  # noqa: E402
 from compressor.datasets import load_cifar10, normalize_nchw  # noqa: E402
 
 NAME = "cifar10_resnet56_nofinetune"
@@ -91,7 +91,7 @@ def time_resnet50_scoring(work: Path, repeats: int) -> dict:
     """Seconds graph-rw spends on torchvision ResNet-50: scoring every prunable group (π and LIS), and the whole
     plan (scoring plus the rate bisection), with the machine's load average for context."""
     from compressor.methods.graph_rw import filter_scores, parse_graph_rw_options, plan_graph_rw
-    from compressor.plan import PlanOptions, prunable_groups
+    from compressor.engine.plan import PlanOptions, prunable_groups
 
     path = work / "resnet50.onnx"
     export_resnet50(path)

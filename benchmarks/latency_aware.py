@@ -7,7 +7,7 @@ and each target (cuda batch 1, cuda batch 32, cpu:1, cpu:4 by default):
      MAC cap `-O macs_ratio=` (default 0.5: at most half the MACs; `--macs-ratio none` to drop it);
   2. `--target macs` at the MACs the latency-aware model reached, with round_to 1 and with round_to = the alignment
      the latency model chose for the target;
-  3. all of them and the original benchmarked side by side on the target (interleaved rounds, compressor.bench).
+  3. all of them and the original benchmarked side by side on the target (interleaved rounds, compressor.runtime.bench).
 
 Writes NAME.json (every report and sample) and NAME.md (tables, command, machine) to --out.
 
@@ -56,9 +56,9 @@ def export_model(name: str, path: str, seed: int = 0) -> None:
     except ImportError:
         if name != "resnet50":
             sys.exit(f"error: exporting {name} needs torchvision, which is not installed here")
-        from resnet50_latency import _resnet50_without_torchvision
+        from resnet50_latency import resnet50_without_torchvision
 
-        model = _resnet50_without_torchvision().eval()
+        model = resnet50_without_torchvision().eval()
     torch.onnx.export(model, torch.randn(1, 3, 224, 224), path, dynamo=False, opset_version=17, input_names=["input"],
                       output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
 
@@ -116,7 +116,7 @@ def exported(name: str, work: Path, reuse: bool) -> str:
 
 def _summary(report: dict) -> dict:
     keep = ("method", "target", "ratio", "round_to", "macs_before", "macs_after", "params_before", "params_after",
-            "verified", "max_abs_diff_vs_reference", "blocks_removed", "blocks_total", "groups_pruned", "groups_total",
+            "verified", "relative_error_vs_reference", "blocks_removed", "blocks_total", "groups_pruned", "groups_total",
             "notes", "seconds", "stage_seconds", "latency")
     return {k: report.get(k) for k in keep}
 
@@ -124,7 +124,8 @@ def _summary(report: dict) -> dict:
 def run_cell(model_name: str, original: str, target: str, batch: int, args, work: Path) -> dict:
     """Latency-aware and MAC-targeted compressions for one target and batch, then the side-by-side benchmark."""
     import compressor
-    from compressor.bench import parse_target, run_benchmark
+    from compressor.runtime.bench import run_benchmark
+    from compressor.runtime.targets import parse_target
     from compressor.errors import CompressorError
 
     tag = f"{model_name}_{parse_target(target).label.replace(':', '')}_b{batch}"
@@ -191,6 +192,10 @@ def _loop_cell(latency: dict) -> str:
     loop = latency.get("closed_loop") or []
     cells = [("**{:.3f}**" if c["chosen"] else "{:.3f}").format(c["measured_fraction"]) for c in loop
              if c.get("measured_fraction") is not None]
+    baseline = latency.get("aligned_baseline")
+    if baseline:  # the aligned MAC baseline the loop measured at the chosen MACs (kept when it was better)
+        cells.append(("baseline r{} **{:.3f}**" if baseline["chosen"] else "baseline r{} {:.3f}").format(
+            baseline["round_to"], baseline["measured_fraction"]))
     budget = 1.0 - latency["ratio"] if latency.get("ratio") else None
     return (", ".join(cells) or "off") + (f" ({budget:.2f})" if budget else "")
 
@@ -262,8 +267,8 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="latency_aware_"))
     work.mkdir(parents=True, exist_ok=True)
     log(f"models in {work}")
-    from compressor.bench import parse_target
-    from compressor.bench_report import capture_environment
+    from compressor.runtime.probes import capture_environment
+    from compressor.runtime.targets import parse_target
 
     cells = parse_cells(args.targets)
     originals = {name: exported(name, work, args.reuse) for name in (m.strip() for m in args.models.split(",") if m.strip())}

@@ -9,7 +9,7 @@ both fine-tuned the same way, test top-1 side by side.
   4. each plan mapped to PyTorch masks (compressor.training.masks.masks_from_result), fine-tuned with the recipe of
      benchmarks/cifar10_resnet56.py rows (--epochs 10, batch 512, lr 0.05, cosine, bf16; masks re-applied after
      every step), exported, slimmed by `zeros` and checked against PyTorch (compressor.training.pipeline.run_job);
-  5. baseline and both slim models timed with compressor.bench on DEVICE at batch 1 and 128 (interleaved rounds).
+  5. baseline and both slim models timed with compressor.runtime.bench on DEVICE at batch 1 and 128 (interleaved rounds).
 
 Writes latency_aware_r56.json and .md (with commands) to --out.
 
@@ -87,7 +87,8 @@ def runs_for(target, args) -> tuple[int, int]:
 
 def bench(paths: dict[str, str], target: str, batch: int, args) -> dict[str, float]:
     """p50 ms of each model, timed side by side (interleaved rounds, compress bench's session options)."""
-    from compressor.bench import parse_target, run_benchmark
+    from compressor.runtime.bench import run_benchmark
+    from compressor.runtime.targets import parse_target
 
     warmup, runs = runs_for(parse_target(target), args)
     report = run_benchmark(list(paths.values()), [target], [batch], warmup=warmup, runs=runs, rounds=5,
@@ -140,8 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import compressor
-    from compressor.bench import parse_target
-    from compressor.bench_report import capture_environment
+    from compressor.runtime.probes import capture_environment
+    from compressor.runtime.targets import parse_target
     from compressor.training.data import load_cifar10_data
     from compressor.training.export import export_onnx, onnxscript_available
     from compressor.training.loop import evaluate

@@ -119,7 +119,7 @@ def onnxsim_worker(source: str, calib: str, ratio: float, out: str) -> None:
     from onnxsim import pruning
 
     from compressor.calibration.data import load_calibration
-    from compressor.cost import model_cost
+    from compressor.engine.cost import model_cost
 
     model = onnx.load(source)
     calibration = load_calibration(calib, model, {"input": [1, 3, 32, 32]}, None)
@@ -197,7 +197,7 @@ def main() -> None:
         merge_rows(args.out / f"{NAME}.json", args.merge)
         return
     from benchmarks.cifar_resnet56_nofinetune import export_resnet56
-    from compressor.analysis import analyze
+    from compressor.engine.analysis import analyze
     from compressor.datasets import load_cifar10, normalize_nchw
 
     import onnxruntime

@@ -36,14 +36,14 @@ def export_resnet50(path: str, seed: int = 0) -> None:
 
         model = resnet50(weights=None)
     except ImportError:
-        model = _resnet50_without_torchvision()
+        model = resnet50_without_torchvision()
     model.eval()
     example = torch.randn(1, 3, 224, 224)
     torch.onnx.export(model, example, path, dynamo=False, opset_version=17, input_names=["input"],
                       output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
 
 
-def _resnet50_without_torchvision():
+def resnet50_without_torchvision():
     """torchvision's ResNet-50 v1.5 architecture (stride on the 3x3 conv), for machines with torch but no torchvision."""
     from torch import nn
 
@@ -135,7 +135,7 @@ def compress_one(original: str, method: str, ratio: float, round_to: int, path: 
         return {"error": str(exc)}
     result.save(path)
     return {k: result.report.get(k) for k in ("macs_before", "macs_after", "params_before", "params_after",
-                                              "bytes_after", "verified", "max_abs_diff_vs_reference", "blocks_removed",
+                                              "bytes_after", "verified", "relative_error_vs_reference", "blocks_removed",
                                               "seconds")}
 
 
@@ -175,8 +175,9 @@ def compress_all(original: str, args: argparse.Namespace, work: Path) -> tuple[l
 
 def benchmark(models: list[str], names: list[str], args: argparse.Namespace):
     """GPU targets at --gpu-batches and CPU targets at --cpu-batches, merged into one report."""
-    from compressor.bench import parse_target, run_benchmark
-    from compressor.bench_report import merge_reports, progress_bar
+    from compressor.runtime.bench import run_benchmark
+    from compressor.runtime.targets import parse_target
+    from compressor.runtime.report import merge_reports, progress_bar
 
     targets = [parse_target(t) for t in _csv(args.targets)]
     reports = []
@@ -196,14 +197,14 @@ def _pick(value, default):
 
 
 def compression_table(records: list[dict]) -> str:
-    lines = ["## Compressed models", "", "| model | MACs x | params x | verified | max abs diff | blocks removed | seconds |",
+    lines = ["## Compressed models", "", "| model | MACs x | params x | verified | relative error | blocks removed | seconds |",
              "|---|---|---|---|---|---|---|"]
     for r in records:
         if "error" in r:
             lines.append(f"| {r['name']} | failed: {r['error']} | | | | | |")
             continue
         lines.append(f"| {r['name']} | {r['macs_after'] / r['macs_before']:.3f} | {r['params_after'] / r['params_before']:.3f} "
-                     f"| {r['verified']} | {r['max_abs_diff_vs_reference']:.2e} | {len(r['blocks_removed'] or [])} "
+                     f"| {r['verified']} | {r['relative_error_vs_reference']:.2e} | {len(r['blocks_removed'] or [])} "
                      f"| {r['seconds']:.1f} |")
     return "\n".join(lines) + "\n"
 
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     header, _, rest = markdown.partition("\n\n")
     (out / f"{args.name}.md").write_text(f"{header}\n\nCommand: `{command}`\n\n{compression_table(records)}\n{rest}")
     try:
-        from compressor.bench_report import plot_report
+        from compressor.runtime.report import plot_report
 
         plot_report(report, out / f"{args.name}.png")
     except ImportError:

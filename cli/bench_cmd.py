@@ -15,8 +15,8 @@ def bench(
     models: List[Path] = typer.Argument(..., help="ONNX models; ratios are reported against the first one."),
     target: List[str] = typer.Option(
         None, "--target", "-t",
-        help="cuda, cuda:N, cpu:T (T intra-op threads) or tensorrt; repeat for several "
-             "(default: cuda when onnxruntime has it, else cpu:1).",
+        help="cuda, cuda:N, cpu:T (T intra-op threads) or tensorrt, with provider options after commas "
+             "(cuda,prefer_nhwc=1,use_tf32=0); repeat for several (default: cuda when onnxruntime has it, else cpu:1).",
     ),
     batch: List[int] = typer.Option([1], "--batch", "-b", help="Batch size; repeat for several."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the full report (all samples) as JSON."),
@@ -33,11 +33,16 @@ def bench(
     seed: int = typer.Option(0, "--seed", help="Seed of the random inputs."),
 ) -> None:
     """Benchmark ONNX models on CUDA, TensorRT and CPU targets (models interleaved round by round)."""
-    from compressor.bench import default_targets, parse_target, run_benchmark
-    from compressor.bench_report import plot_report, progress_bar
-    from compressor.loading import parse_input_shapes
+    import json
 
-    targets = [parse_target(t) for t in target] if target else default_targets()
+    from compressor.engine.loading import parse_input_shapes
+    from compressor.files import PendingWrites, check_output_paths
+    from compressor.runtime.bench import run_benchmark
+    from compressor.runtime.report import plot_report, progress_bar
+    from compressor.runtime.targets import checked_targets, default_targets
+
+    check_output_paths(list(models), {"--json": json_path, "--md": md_path, "--plot": plot_path})
+    targets = checked_targets(target) if target else default_targets()
     shapes = parse_input_shapes(input_shape)
     if plot_path is not None:
         _check_matplotlib()
@@ -45,12 +50,14 @@ def bench(
         report = run_benchmark([str(m) for m in models], targets, batch, warmup=warmup, runs=runs, rounds=rounds,
                                input_shapes=shapes, seed=seed, cuda_graph=cuda_graph, pin=pin, progress=progress)
     typer.echo(report.to_text())
-    if json_path is not None:
-        report.save_json(json_path)
-    if md_path is not None:
-        Path(md_path).write_text(report.to_markdown())
-    if plot_path is not None:
-        plot_report(report, plot_path)
+    with PendingWrites() as pending:
+        if json_path is not None:
+            pending.stage_text(json_path, json.dumps(report.to_dict(), indent=2) + "\n")
+        if md_path is not None:
+            pending.stage_text(md_path, report.to_markdown())
+        if plot_path is not None:
+            plot_report(report, pending.stage_path(plot_path))
+        pending.commit()
     for path in (json_path, md_path, plot_path):
         if path is not None:
             typer.echo(f"wrote {path}", err=True)

@@ -19,8 +19,11 @@ def inspect(
     layers: bool = typer.Option(True, "--layers/--no-layers", help="Print the per-layer cost table."),
 ) -> None:
     """List dependency groups, removable residual blocks and per-layer MACs/params."""
-    from compressor.api import atomic_write_text, inspect as run_inspect
-    from compressor.loading import parse_input_shapes
+    from compressor.api import inspect as run_inspect
+    from compressor.engine.loading import parse_input_shapes
+    from compressor.files import check_output_paths, write_text
+
+    check_output_paths([model], {"--json": json_out})
 
     data = run_inspect(model, parse_input_shapes(input_shape)).to_dict()
     typer.echo(f"{model}: {data['macs'] / 1e6:.2f} MMACs, {data['params'] / 1e6:.3f} M params")
@@ -39,4 +42,4 @@ def inspect(
         for layer in data["layers"]:
             typer.echo(f"  {layer['op_type']:<14} {layer['macs'] / 1e6:>10.3f} {layer['params']:>10}  {layer['name']}")
     if json_out is not None:
-        atomic_write_text(json_out, json.dumps(data, indent=2) + "\n")
+        write_text(json_out, json.dumps(data, indent=2) + "\n")

@@ -9,24 +9,11 @@ from __future__ import annotations
 
 import sys
 
-SUBCOMMANDS = {
-    "inspect": ("cli.inspect_cmd", "List dependency groups, residual blocks and the MACs/params table of a model."),
-    "bench": ("cli.bench_cmd", "Measure latency and memory of ONNX models with ONNX Runtime."),
-    "train": ("cli.train_cmd", "Train or fine-tune a model in PyTorch (optionally with AMSC/GSM/a mask), export ONNX."),
-}
-
-
-def _usage_epilog() -> str:
-    lines = ["\b", "Subcommands (compress SUBCOMMAND --help):"]
-    lines += [f"  {name:<8} {text}" for name, (_, text) in SUBCOMMANDS.items()]
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI with argv (defaults to sys.argv[1:])."""
     import importlib
 
-    from cli.common import run_typer
+    from cli.common import SUBCOMMANDS, run_typer
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:

@@ -3,11 +3,12 @@ write OUT.pt, OUT.onnx (dense), OUT.slim.onnx (zeros removed, checked against Py
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 from typing import Optional
 
 import typer
+
+from cli.common import command_line
 
 app = typer.Typer(add_completion=False, help="Train or fine-tune a model in PyTorch (optionally with AMSC/GSM/a mask), export ONNX.")
 
@@ -21,18 +22,6 @@ def _floats(text: Optional[str], option: str) -> Optional[tuple[float, ...]]:
         from compressor.errors import CompressorError
 
         raise CompressorError(f"{option} takes comma-separated numbers, got '{text}'") from None
-
-
-def _command_line(ctx: typer.Context) -> str:
-    """The command as an equivalent `compress train ...` line (from the parsed options)."""
-    parts = ["compress", "train"]
-    for param in ctx.command.params:
-        value = ctx.params.get(param.name)
-        if value is None or value is False or value == param.default:
-            continue
-        flag = max(param.opts, key=len)
-        parts += [flag] if value is True else [flag, str(value)]
-    return shlex.join(parts)
 
 
 @app.command()
@@ -76,8 +65,20 @@ def train(
     gsm: str = typer.Option("structured", "--gsm", help="GSM mode: structured | unstructured."),
     gsm_momentum: float = typer.Option(0.98, "--gsm-momentum"),
     gsm_decay: float = typer.Option(1e-4, "--gsm-decay"),
+    depth_share: float = typer.Option(1.0, "--depth-share", help="AMSC both + --ratio: largest share of the MAC target the depth stage may take."),
+    recover_epochs: int = typer.Option(1, "--recover-epochs", help="AMSC: fine-tune epochs judging each lambda trial."),
+    distill: Optional[Path] = typer.Option(None, "--distill", help="Teacher checkpoint (e.g. the dense baseline .pt): the fine-tune distills from it."),
+    kd_temperature: float = typer.Option(4.0, "--kd-temperature", help="Distillation temperature T."),
+    kd_weight: float = typer.Option(0.9, "--kd-weight", help="Weight of the distillation term (the labels' cross-entropy gets 1 - weight)."),
+    target: str = typer.Option("macs", "--target", help="--prune plan: macs | params | latency (measured on --latency-device)."),
+    latency_device: Optional[str] = typer.Option(None, "--latency-device", help="--target latency: cuda[:N] or cpu:T."),
+    latency_batch: Optional[int] = typer.Option(None, "--latency-batch", help="--target latency: batch size timed."),
+    profile_budget: Optional[float] = typer.Option(None, "--profile-budget", help="--target latency: seconds of profiling."),
+    round_to: int = typer.Option(1, "--round-to", help="--prune plan: keep channel counts at multiples of N."),
+    method_option: Optional[list[str]] = typer.Option(None, "--method-option", help="--prune plan: KEY=VALUE for the method (e.g. rw_normalize=true)."),
 ) -> None:
     """Train or fine-tune on CIFAR-10 (one GPU, or several under torchrun), export and slim the ONNX model."""
+    from compressor.errors import CompressorError
     from compressor.training.amsc_search import AmscOptions
     from compressor.training.loop import TrainConfig
     from compressor.training.pipeline import TrainJob, run_job
@@ -87,11 +88,20 @@ def train(
     amsc_options = AmscOptions(dims=amsc, weighting=amsc_weights, lambda_depth=lambda_depth, lambda_width=lambda_width,
                                search=search, max_drop=max_drop, grid_points=grid_points, refine=refine,
                                depth_grid=_floats(depth_grid, "--depth-grid"), width_grid=_floats(width_grid, "--width-grid"),
-                               sparse_epochs=sparse_epochs, sparse_lr=sparse_lr, penalty_in_loss=subgradient)
+                               sparse_epochs=sparse_epochs, sparse_lr=sparse_lr, penalty_in_loss=subgradient,
+                               depth_share=depth_share, recover_epochs=recover_epochs)
+    options = {key: value for key, value in (item.split("=", 1) for item in method_option or () if "=" in item)}
+    if len(options) != len(method_option or ()):
+        raise CompressorError("--method-option takes KEY=VALUE")
+    prune_options = {"target": target, "round_to": round_to, "method_options": options,
+                     **{k: v for k, v in (("device", latency_device), ("batch", latency_batch),
+                                          ("profile_budget", profile_budget)) if v is not None}}
     job = TrainJob(model=model, data=str(data), out=str(out), init=str(init) if init else None, method=method,
                    prune=prune, ratio=ratio, config=config, amsc=amsc_options, gsm_mode=gsm, gsm_epochs=sparse_epochs,
                    gsm_momentum=gsm_momentum, gsm_decay=gsm_decay, gsm_lr=sparse_lr, limit=limit, val_size=val_size,
-                   device=device, exporter=exporter, verify_images=verify_images, command=_command_line(ctx))
+                   prune_options=prune_options, distill=str(distill) if distill else None, kd_temperature=kd_temperature,
+                   kd_weight=kd_weight, device=device, exporter=exporter, verify_images=verify_images,
+                   command=command_line(ctx, "compress train"))
     metrics = run_job(job, log=lambda text: typer.echo(text, err=True))
     if metrics.get("macs_before") is not None:
         typer.echo(f"test top-1 {metrics['test_top1']:.2f}%  MACs -{100 * metrics['macs_reduction']:.1f}%  "

@@ -3,6 +3,9 @@
     import compressor
     result = compressor.compress("model.onnx", method="l1", ratio=0.5)
     result.save("model.slim.onnx"); print(result.report["macs_after"])
+
+Stages and folders: engine/ (load → analyze → plan → surgery → verify), methods/, latency/, runtime/ (ONNX
+Runtime), training/ (PyTorch); see compressor/README.md.
 """
 
 from compressor.api import CompressResult, Inspection, compress, inspect, save_model

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -14,21 +13,23 @@ import numpy as np
 import onnx
 
 from compressor import methods
-from compressor.analysis import Analysis, analyze
-from compressor.calibration.planning import calibrated_plan, measured_importance
+from compressor.engine.analysis import Analysis, analyze
+from compressor.engine.cost import ModelCost, view_cost
+from compressor.deploy.precision import PrecisionOptions, check_precision_request, convert_precision
 from compressor.calibration.pipeline import calibration_report, open_calibration, reference_with_refits, split_held_out
+from compressor.calibration.planning import CALIBRATION_OPTIONS, calibrated_plan, measured_importance
 from compressor.calibration.reconstruct import reconstruct as refit_layers
-from compressor.cost import ModelCost, view_cost
 from compressor.errors import CompressorError, VerificationError
-from compressor.graph import GraphView
-from compressor.latency import check_latency, flag_note, plan_for_latency, resolve_request
-from compressor.plan import Plan, PlanOptions
-from compressor.shapes import infer_shapes
-from compressor.surgery import apply_plan, zeroed_reference
-from compressor.verify import check_model, verify
+from compressor.files import write_model
+from compressor.engine.graph import GraphView
+from compressor.latency import LATENCY_OPTIONS, LatencyRequest, check_latency, flag_note, plan_for_latency, resolve_request
+from compressor.latency.request import in_precision
+from compressor.engine.plan import Plan, PlanOptions
+from compressor.engine.shapes import infer_shapes
+from compressor.engine.surgery import apply_plan, zeroed_reference
+from compressor.engine.verify import check_model, verify
 
 Progress = Callable[[str], None]
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
 @dataclass
@@ -48,48 +49,7 @@ class CompressResult:
 
 def save_model(proto: onnx.ModelProto, path: str | os.PathLike) -> Path:
     """Write `proto` to `path` atomically; nothing is left behind on failure."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise CompressorError(f"output directory does not exist: {path.parent}")
-    if not os.access(path.parent, os.W_OK):
-        raise CompressorError(f"output directory is not writable: {path.parent}")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise CompressorError(f"cannot write to {path.parent}: {exc.strerror or exc}") from exc
-    os.close(fd)
-    data_name = f"{path.name}.data"
-    tmp_data = path.parent / f".{data_name}.tmp"
-    try:
-        if proto.ByteSize() > EXTERNAL_DATA_THRESHOLD:
-            onnx.save_model(proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=data_name)
-            os.replace(path.parent / data_name, tmp_data)
-            os.replace(tmp_data, path.parent / data_name)
-        else:
-            onnx.save_model(proto, tmp)
-        os.replace(tmp, path)
-    except Exception as exc:
-        for leftover in (Path(tmp), tmp_data):
-            leftover.unlink(missing_ok=True)
-        if isinstance(exc, CompressorError):
-            raise
-        raise CompressorError(f"cannot write {path}: {exc}") from exc
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write text to `path` through a temp file and a rename."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise CompressorError(f"output directory does not exist: {path.parent}")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise CompressorError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    return path
+    return write_model(proto, path)
 
 
 @contextmanager
@@ -105,34 +65,65 @@ def _cost_of(proto: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> Mode
     return view_cost(GraphView(proto, infer_shapes(proto, input_shapes)))
 
 
-def compress(model, method: str = "l1", ratio: float | None = 0.5, *, target: str = "macs", round_to: int = 1,
-             min_channels: int = 1, exclude=(), seed: int = 0, input_shapes: dict[str, list[int]] | None = None,
-             verify: bool = True, method_options: dict | None = None, progress: Progress | None = None,
-             device: str | None = None, batch: int | None = None, latency_ms: float | None = None,
-             profile_budget: float | None = None, calib=None, calib_options=None,
-             reconstruct: bool | None = None) -> CompressResult:
+def compress_options(ratio: float | None = 0.5, *, target: str = "macs", round_to: int = 1, min_channels: int = 1,
+                     exclude=(), seed: int = 0, method_options: dict | None = None, device: str | None = None,
+                     batch: int | None = None, latency_ms: float | None = None, profile_budget: float | None = None
+                     ) -> tuple[PlanOptions, LatencyRequest | None]:
+    """The plan options and (for target="latency") the validated latency request, from the CLI's spelling: remove
+    `ratio` of `target` (macs, params or latency); latency: measured on `device` (cuda[:N] or cpu:T) at `batch`,
+    or meet `latency_ms` (which wins over ratio), profiling for at most `profile_budget` seconds."""
+    latency = resolve_request(target, ratio, device, batch, latency_ms, profile_budget)
+    options = PlanOptions(ratio, target, round_to, min_channels, tuple(exclude or ()), seed, dict(method_options or {}))
+    return options, latency
+
+
+def compress(model, method: str = "l1", ratio: float | None = 0.5, *, options: PlanOptions | None = None,
+             latency: LatencyRequest | None = None, input_shapes: dict[str, list[int]] | None = None,
+             verify: bool = True, inputs=None, progress: Progress | None = None, precision: str = "fp32",
+             precision_calib=None, precision_options: PrecisionOptions | None = None, calib=None, calib_options=None,
+             reconstruct: bool | None = None, **keywords) -> CompressResult:
     """Compress `model` (a path or an onnx.ModelProto) with a registered method.
 
-    ratio is the fraction of `target` (macs or params) to remove; `zeros` ignores it. Raises CompressorError on
-    bad input and VerificationError when the result does not match its reference.
-    target="latency" removes `ratio` of the latency measured on `device` (cuda[:N] or cpu:T) at `batch`, or meets
-    `latency_ms` (which wins over ratio); `profile_budget` bounds the profiling seconds. The method supplies the
-    importance, compressor.latency the cost; the report's "latency" section holds predicted vs measured latency.
-    calib (an image folder, .npy or .npz path, or a CalibrationSet) with `calib_options` (CalibrationOptions) gives
-    calibration data; `reconstruct` (default: on with calib) refits the layers consuming removed channels, and the
-    report's "calibration" section holds per-layer errors and the held-out agreement with the original.
+    What to remove comes as `options` (PlanOptions) and, for target="latency", `latency` (a LatencyRequest), as
+    the CLI builds them with `compress_options`; or, for short calls, as `ratio` and compress_options' keywords
+    (target, round_to, min_channels, exclude, seed, method_options, device, batch, latency_ms, profile_budget).
+    Raises CompressorError on bad input and VerificationError when the result does not match its reference.
+    With a latency request the method supplies the importance, compressor.latency the cost, and the report's
+    "latency" section holds predicted vs measured latency. `inputs` (optional): an iterable of {input name: array}
+    dicts, e.g. real images, on which verification compares the result with its reference in addition to the
+    seeded random inputs.
+    precision="fp16"|"int8" converts the verified fp32 result (compressor.deploy.precision) and reports its agreement
+    with fp32 on `precision_calib` (a .npy/.npz path, a calibration set or a list of feed dicts; default: `inputs`),
+    which int8 needs for its activation ranges; with a latency request, fp16 latency is what is measured.
+    `calib` (an image folder, a .npy or .npz path, or a CalibrationSet; read with `calib_options`, a
+    CalibrationOptions) is calibration data: the plan is calibrated (compressor.calibration.planning), `reconstruct`
+    (default: on with calib) refits the layers consuming removed channels, int8 takes its ranges from it unless
+    `precision_calib` is given, and the report's "calibration" section holds per-layer errors and the held-out
+    agreement with the original.
     """
     start = time.perf_counter()
     timings: dict[str, float] = {}
-    plan_fn = methods.get(method)
-    latency = resolve_request(target, ratio, device, batch, latency_ms, profile_budget)
-    options = PlanOptions(ratio, target, round_to, min_channels, tuple(exclude or ()), seed, dict(method_options or {}))
-    if latency is None:
-        options.validate(needs_ratio=method != "zeros")
-    else:
-        replace(options, target="macs").validate(needs_ratio=latency.latency_ms is None)
+    entry = methods.get(method)
+    if inputs is not None and iter(inputs) is inputs:  # a one-shot iterator serves verification and precision
+        inputs = list(inputs)
+    precision_calib = inputs if precision_calib is None else precision_calib
+    check_precision_request(precision, precision_calib is not None or calib is not None)
     if reconstruct and calib is None:
         raise CompressorError("--reconstruct needs calibration data (--calib)")
+    if options is None:
+        try:
+            options, latency = compress_options(ratio, **keywords)
+        except TypeError as exc:
+            raise CompressorError(f"compress: {exc}") from exc
+    elif keywords:
+        raise CompressorError(f"compress: give options= or keywords ({', '.join(sorted(keywords))}), not both")
+    methods.check_options(method, options.extra, (LATENCY_OPTIONS if latency is not None else ())
+                          + (CALIBRATION_OPTIONS if calib is not None else ()))
+    latency = in_precision(latency, precision)
+    if latency is None:
+        options.validate(needs_ratio=entry.needs_ratio)
+    else:
+        replace(options, target="macs").validate(needs_ratio=latency.latency_ms is None)
     with _stage(timings, "analyze", progress):
         analysis = analyze(model, input_shapes)
     original_bytes = analysis.proto.ByteSize()
@@ -142,15 +133,15 @@ def compress(model, method: str = "l1", ratio: float | None = 0.5, *, target: st
             calib_set = open_calibration(calib, analysis, calib_options)
             calib_fit, calib_held = split_held_out(calib_set)
     with _stage(timings, "plan", progress):
-        calibrated = calib_fit is not None and method != "zeros"
+        calibrated = calib_fit is not None and not entry.exact
         measured = measured_importance(analysis, method, options, calib_fit, reconstruct is not False, progress) \
             if calibrated and latency is not None else None
         planned = None if latency is None else plan_for_latency(analysis, method, options, latency, progress, measured)
         if planned is None and calibrated:
             plan = calibrated_plan(analysis, method, options, calib_fit, reconstruct is not False, progress)
         else:
-            plan = plan_fn(analysis, options) if planned is None else planned.plan
-    if plan.is_empty() and method != "zeros":
+            plan = entry.plan(analysis, options) if planned is None else planned.plan
+    if plan.is_empty() and not entry.exact:
         raise CompressorError("nothing prunable: the plan removes no channel and no block")
     with _stage(timings, "surgery", progress):
         result = apply_plan(analysis, plan)
@@ -162,10 +153,10 @@ def compress(model, method: str = "l1", ratio: float | None = 0.5, *, target: st
     verification = None
     if verify:
         with _stage(timings, "verify", progress):
-            exact = method == "zeros" and not (reconstruction and reconstruction.refits)
+            exact = entry.exact and not (reconstruction and reconstruction.refits)
             reference = None if exact else reference_with_refits(zeroed_reference(analysis, plan), analysis, plan,
                                                                  reconstruction)
-            verification = _run_verification(analysis, reference, result)
+            verification = _run_verification(analysis, reference, result, inputs)
     else:
         with _stage(timings, "check", progress):
             check_model(result, analysis.input_shapes)
@@ -181,17 +172,24 @@ def compress(model, method: str = "l1", ratio: float | None = 0.5, *, target: st
             report["latency"] = {**planned.info, **check_latency(analysis.proto, result, planned, latency,
                                                                  analysis.input_shapes)}
             report["notes"] += [n for n in [flag_note(report["latency"])] if n]
+    if precision != "fp32":
+        with _stage(timings, f"precision {precision}", progress):
+            stage_options = replace(precision_options or PrecisionOptions(), input_shapes=analysis.input_shapes)
+            precision_data = calib_fit if precision_calib is None else precision_calib
+            result, report["precision"] = convert_precision(result, precision, precision_data, stage_options)
+        report["bytes_after"] = result.ByteSize()
     report["seconds"] = round(time.perf_counter() - start, 3)
     report["stage_seconds"] = timings
     return CompressResult(result, report, plan, analysis, timings)
 
 
-def _run_verification(analysis: Analysis, reference, result):
-    outcome = verify(analysis.proto, reference, result, analysis.input_shapes)
+def _run_verification(analysis: Analysis, reference, result, inputs=None):
+    outcome = verify(analysis.proto, reference, result, analysis.input_shapes, inputs=inputs)
     if not outcome.passed:
         raise VerificationError(
-            f"verification failed: max abs diff {outcome.max_abs_diff_vs_reference:.3g} against the reference exceeds "
-            f"{outcome.tolerance:.3g}; nothing written (this is a bug: please report the model)"
+            f"verification failed: relative error {outcome.relative_error_vs_reference:.3g} against the reference "
+            f"exceeds the tolerance {outcome.relative_tolerance:.3g} (float32 noise of this model "
+            f"{outcome.runtime_noise:.2g}); nothing written (this is a bug: please report the model)"
         )
     return outcome
 
@@ -232,9 +230,12 @@ def build_report(analysis: Analysis, plan: Plan, options: PlanOptions, method: s
         "bytes_before": bytes_before,
         "bytes_after": bytes_after,
         "verified": verification.passed if verification else False,
-        "max_abs_diff_vs_reference": verification.max_abs_diff_vs_reference if verification else None,
-        "max_abs_diff_vs_original": verification.max_abs_diff_vs_original if verification else None,
-        "tolerance": verification.tolerance if verification else None,
+        "relative_error_vs_reference": verification.relative_error_vs_reference if verification else None,
+        "relative_tolerance": verification.relative_tolerance if verification else None,
+        "runtime_noise": verification.runtime_noise if verification else None,
+        "relative_error_vs_original": verification.relative_error_vs_original if verification else None,
+        "verification_inputs": verification.inputs if verification else None,
+        "verification_outputs": [vars(c) for c in verification.outputs] if verification else [],
         "groups_total": len(analysis.groups),
         "groups_pruned": sum(1 for g in groups if g["channels_after"] < g["channels_before"]),
         "groups": groups,

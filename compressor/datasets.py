@@ -18,6 +18,34 @@ CIFAR10_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 CIFAR10_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 
+def cifar10_members(data_dir: str | Path, split: str) -> list[tuple[str, int, bytes]]:
+    """(member name, label, JPEG bytes) of every image of one split ('train' or 'test'), sorted by member name."""
+    if split not in ("train", "test"):
+        raise CompressorError(f"unknown CIFAR-10 split '{split}' (train or test)")
+    path = Path(data_dir) / f"cifar10-{split}.tar.xz"
+    if not path.is_file():
+        raise CompressorError(f"CIFAR-10 tarball not found: {path}")
+    class_index = {name: i for i, name in enumerate(CIFAR10_CLASSES)}
+    entries = []
+    with tarfile.open(path, "r:xz") as tar:
+        for member in tar:
+            parts = Path(member.name).parts
+            if member.isfile() and member.name.endswith(".jpg") and len(parts) >= 2 and parts[-2] in class_index:
+                entries.append((member.name, class_index[parts[-2]], tar.extractfile(member).read()))
+    if not entries:
+        raise CompressorError(f"no CIFAR-10 images found in {path}")
+    entries.sort(key=lambda entry: entry[0])
+    return entries
+
+
+def balanced_subset(images: np.ndarray, labels: np.ndarray, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """The first `limit` items of a permutation seeded with 0, in their original order (all when limit is None)."""
+    if limit is not None and limit < len(labels):
+        keep = np.sort(np.random.default_rng(0).permutation(len(labels))[:limit])
+        return images[keep], labels[keep]
+    return images, labels
+
+
 def load_cifar10(data_dir: str | Path, split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Decode one split ('train' or 'test') into uint8 images [N, 32, 32, 3] (RGB) and int64 labels [N].
 
@@ -26,36 +54,13 @@ def load_cifar10(data_dir: str | Path, split: str, limit: int | None = None) -> 
     """
     from PIL import Image
 
-    if split not in ("train", "test"):
-        raise CompressorError(f"unknown CIFAR-10 split '{split}' (train or test)")
-    path = Path(data_dir) / f"cifar10-{split}.tar.xz"
-    if not path.is_file():
-        raise CompressorError(f"CIFAR-10 tarball not found: {path}")
-    class_index = {name: i for i, name in enumerate(CIFAR10_CLASSES)}
-    images, labels, names = [], [], []
-    with tarfile.open(path, "r:xz") as tar:
-        for member in tar:
-            if not member.isfile() or not member.name.endswith(".jpg"):
-                continue
-            parts = Path(member.name).parts
-            label = class_index.get(parts[-2]) if len(parts) >= 2 else None
-            if label is None:
-                continue
-            data = tar.extractfile(member).read()
-            with Image.open(io.BytesIO(data)) as img:
-                images.append(np.asarray(img.convert("RGB"), dtype=np.uint8))
-            labels.append(label)
-            names.append(member.name)
-    if not images:
-        raise CompressorError(f"no CIFAR-10 images found in {path}")
-    order = np.argsort(np.array(names))
-    x = np.stack(images)[order]
-    y = np.array(labels, dtype=np.int64)[order]
-    if limit is not None and limit < len(y):
-        keep = np.random.default_rng(0).permutation(len(y))[:limit]
-        keep.sort()
-        x, y = x[keep], y[keep]
-    return x, y
+    images = []
+    entries = cifar10_members(data_dir, split)
+    for _, _, data in entries:
+        with Image.open(io.BytesIO(data)) as img:
+            images.append(np.asarray(img.convert("RGB"), dtype=np.uint8))
+    labels = np.array([label for _, label, _ in entries], dtype=np.int64)
+    return balanced_subset(np.stack(images), labels, limit)
 
 
 def normalize_nchw(images: np.ndarray) -> np.ndarray:

@@ -33,6 +33,18 @@ def export_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("exports")
 
 
+def assert_close_to_scale(actual, expected, rel: float) -> None:
+    """max|actual - expected| <= rel * max|expected|: an error judged on the tensor's own scale, with no absolute
+    floor that could exceed a tiny tensor or be missed by a large one."""
+    import numpy as np
+
+    actual = np.asarray(getattr(actual, "detach", lambda: actual)(), dtype=np.float64)
+    expected = np.asarray(getattr(expected, "detach", lambda: expected)(), dtype=np.float64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    diff, scale = float(np.max(np.abs(actual - expected))), float(np.max(np.abs(expected)))
+    assert diff <= rel * scale, f"max abs diff {diff:.3g} exceeds {rel:g} x the scale {scale:.3g}"
+
+
 def requires_shared(path: Path):
     """Skip marker for tests that need files from ../shared."""
     return pytest.mark.skipif(not path.exists(), reason=f"{path} not available (set COMPRESSOR_SHARED)")

@@ -22,11 +22,12 @@ from compressor.training.amsc import (
     renormalize_filters,
     structure_masks,
 )
-from compressor.training.amsc_search import AmscOptions, _boundary, _search, reestimate_batchnorm, run_amsc
+from compressor.training.amsc_search import AmscOptions, find_boundary, reestimate_batchnorm, run_amsc, search_lambdas
 from compressor.training.export import export_and_slim, onnxscript_available
 from compressor.training.loop import TrainConfig
 from compressor.training.models import build_model
 from compressor.training.pipeline import TrainJob, run_job
+from tests.conftest import assert_close_to_scale
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_training import one_torch_thread, randomize_bn, synthetic_data  # noqa: E402,F401 - autouse fixture
@@ -193,12 +194,12 @@ def test_boundary_search_refines_and_extends():
         calls.append(lam)
         return macs(lam)
 
-    found, _ = _boundary(run, [1.0, 4.0, 16.0], lambda r: r["macs_removed"] >= 0.58, "smallest", 3)
+    found, _ = find_boundary(run, [1.0, 4.0, 16.0], lambda r: r["macs_removed"] >= 0.58, "smallest", 3)
     assert found == pytest.approx(math.sqrt(8.0 * math.sqrt(32.0))) and len(calls) == 6  # 4|16, then 8, 5.66, 6.73
     calls.clear()
-    found, largest = _boundary(run, [0.1, 0.2], lambda r: r["macs_removed"] >= 0.58, "smallest", 0)
+    found, largest = find_boundary(run, [0.1, 0.2], lambda r: r["macs_removed"] >= 0.58, "smallest", 0)
     assert found is None and largest == pytest.approx(0.8) and len(calls) == 4
-    found, _ = _boundary(run, [1.0, 2.0, 4.0, 8.0], lambda r: r["macs_removed"] <= 0.3, "largest", 1)
+    found, _ = find_boundary(run, [1.0, 2.0, 4.0, 8.0], lambda r: r["macs_removed"] <= 0.3, "largest", 1)
     assert found == pytest.approx(math.sqrt(8.0))
 
 
@@ -237,7 +238,7 @@ def test_amsc_search_pipeline_removes_what_the_search_chose(tmp_path):
                    amsc=AmscOptions(search=True, grid_points=2, refine=1, sparse_epochs=1, max_drop=100.0))
     metrics = run_job(job, data=synthetic_data(n_train=64), log=None)
     amsc = metrics["amsc"]
-    assert amsc["chosen"]["macs_removed"] >= 0.3 or any("no lambda reached" in n for n in amsc["notes"])
+    assert amsc["chosen"]["macs_removed"] >= 0.3  # seeded: the search reaches the target on this data
     assert metrics["macs_reduction"] == pytest.approx(amsc["chosen"]["macs_removed"], abs=1e-6)
     assert metrics["blocks_removed"] == amsc["blocks_zero"]
     stages = {t["stage"] for t in amsc["trials"]}
@@ -251,16 +252,16 @@ def test_boundary_search_interpolates_toward_a_target():
         tried.append(lam)
         return {"macs_removed": min(1.0, math.log10(lam) / 3 + 0.5)}  # linear in log(lambda): 0.58 at 10**0.24
 
-    found, _ = _boundary(run, [0.1, 1.0, 10.0], lambda r: r["macs_removed"] >= 0.58, "smallest", 1,
+    found, _ = find_boundary(run, [0.1, 1.0, 10.0], lambda r: r["macs_removed"] >= 0.58, "smallest", 1,
                          target=("macs_removed", 0.58))
     assert found == pytest.approx(10 ** 0.24, rel=1e-6) and len(tried) == 4
 
 
 def test_boundary_search_extends_below_a_grid_that_starts_past_the_boundary():
-    found, _ = _boundary(lambda lam: {"m": lam}, [4.0, 8.0], lambda r: r["m"] >= 2.5, "smallest", 0)
+    found, _ = find_boundary(lambda lam: {"m": lam}, [4.0, 8.0], lambda r: r["m"] >= 2.5, "smallest", 0)
     assert found == pytest.approx(4.0)
     tried = []
-    found, _ = _boundary(lambda lam: tried.append(lam) or {"m": lam}, [4.0, 8.0], lambda r: r["m"] >= 1.5,
+    found, _ = find_boundary(lambda lam: tried.append(lam) or {"m": lam}, [4.0, 8.0], lambda r: r["m"] >= 1.5,
                          "smallest", 1)
     assert tried == pytest.approx([4.0, 8.0, 2.0, 1.0, math.sqrt(2.0)]) and found == 2.0  # sqrt(2) < 1.5
 
@@ -286,7 +287,7 @@ def test_renormalize_filters_restores_start_norms_and_keeps_the_function():
         alive = norms > 0
         assert torch.allclose(norms[alive], start[alive], rtol=1e-5)
     assert float(model.layer2[0].conv1.weight[5].detach().abs().max()) == 0.0
-    assert torch.allclose(before, after, atol=1e-4, rtol=1e-4)  # BN eps is the only difference
+    assert_close_to_scale(after, before, 1e-4)  # BN eps is the only difference
 
 
 def test_bn_reestimation_forgets_old_statistics_and_averages_batch_statistics():
@@ -308,8 +309,8 @@ def test_bn_reestimation_forgets_old_statistics_and_averages_batch_statistics():
         outs = [first.conv1(x) for x in batches]
     mean = torch.stack([o.mean((0, 2, 3)) for o in outs]).mean(0)
     var = torch.stack([o.var((0, 2, 3), unbiased=True) for o in outs]).mean(0)
-    assert torch.allclose(first.bn1.running_mean, mean, atol=1e-5)
-    assert torch.allclose(first.bn1.running_var, var, rtol=1e-4, atol=1e-6)
+    assert_close_to_scale(first.bn1.running_mean, mean, 1e-5)
+    assert_close_to_scale(first.bn1.running_var, var, 1e-5)
     assert reestimate_batchnorm(first, data, 0, 32) == 0
 
 
@@ -337,7 +338,7 @@ def _fake_search(depth_cost, width_cost, **options):
                     width_grid=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6))
     settings.update(options)
     notes: list[str] = []
-    key = _search(trials, amsc_structure(tiny_resnet()), AmscOptions(**settings), 1.0, notes)
+    key = search_lambdas(trials, amsc_structure(tiny_resnet()), AmscOptions(**settings), 1.0, notes)
     return key, trials, notes
 
 
@@ -377,9 +378,9 @@ def test_depth_stage_drops_a_lambda_that_removes_nothing_and_prefers_less_shrink
     options = AmscOptions(search=True, ratio=0.6, max_drop=2.5, refine=0, depth_grid=(0.05, 0.1, 0.15, 0.25, 0.3),
                           width_grid=(0.1, 0.3, 0.5, 0.7))
     trials = Stepwise(0.1, 0.02)
-    key = _search(trials, amsc_structure(tiny_resnet()), options, 1.0, notes)
+    key = search_lambdas(trials, amsc_structure(tiny_resnet()), options, 1.0, notes)
     assert key[0] == pytest.approx(0.25)  # 0.3 removes the same block(s) as 0.25 with more shrinkage
     trials = Stepwise(0.1, 0.02)
     options.max_drop = 1.5  # removing a block costs 2 points: nothing is removed within max-drop
-    key = _search(trials, amsc_structure(tiny_resnet()), options, 1.0, notes)
+    key = search_lambdas(trials, amsc_structure(tiny_resnet()), options, 1.0, notes)
     assert key[0] == 0.0 and any("removes no block" in n for n in notes)

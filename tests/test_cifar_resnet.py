@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 import compressor
-from compressor.analysis import analyze
-from tests.conftest import CIFAR_MODELS, export_onnx
+from compressor.engine.analysis import analyze
+from tests.conftest import CIFAR_MODELS, assert_close_to_scale, export_onnx
 
 torch = pytest.importorskip("torch")
 from compressor.training.models import cifar_resnet, load_cifar_resnet_checkpoint  # noqa: E402
@@ -61,14 +60,16 @@ def test_zeros_removes_zeroed_filters_and_block_with_exact_macs(export_dir):
         branch = 2 * conv_macs(16, 32, 32)
         assert report["macs_before"] - report["macs_after"] == filters + branch
         assert len(report["blocks_removed"]) == 1
-        assert report["max_abs_diff_vs_original"] <= 1e-4
+        # the same function up to float rounding, judged on the outputs' own scale (the checkpoint's logits are ~10,
+        # a random-init ResNet-56's ~1e4: measured ~3e-7 relative on both)
+        assert report["relative_error_vs_original"] <= 1e-5
         x = torch.randn(4, 3, 32, 32)
         with torch.no_grad():
             expected = model(x).numpy()
-        from compressor.runtime import cpu_session
+        from compressor.runtime.sessions import cpu_session
 
         got = cpu_session(result.model).run(None, {result.model.graph.input[0].name: x[:1].numpy()})[0]
-        np.testing.assert_allclose(got, expected[:1], rtol=1e-4, atol=1e-4)
+        assert_close_to_scale(got, expected[:1], 1e-5)
 
 
 def test_l1_half_macs(resnet56_onnx):

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from compressor.engine import plan as engine_plan
 from compressor.errors import CompressorError
 from compressor.methods import graph_rw as rw
 
@@ -189,7 +190,7 @@ def test_layer_weights_and_rates():
     weights = rw.layer_weights_from_lis({0: 0.0, 1: 2.0, 2: 4.0})
     assert weights == {0: 1.0, 1: 0.5, 2: 0.0}
     assert rw.layer_weights_from_lis({0: 0.0, 1: 0.0}) == {0: 1.0, 1: 1.0}
-    assert rw.layer_rates(weights, 0.8, r_min=0.1, r_max=0.6) == {0: 0.6, 1: 0.4, 2: 0.1}
+    assert engine_plan.layer_rates(weights, 0.8, r_min=0.1, r_max=0.6) == {0: 0.6, 1: 0.4, 2: 0.1}
 
 
 def test_options_parse_and_validate():
@@ -228,16 +229,16 @@ def resnet56_onnx(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def resnet56_analysis(resnet56_onnx):
-    from compressor.analysis import analyze
+    from compressor.engine.analysis import analyze
 
     return analyze(resnet56_onnx)
 
 
 def plan_with(analysis, ratio: float, **extra):
     from compressor.methods import get
-    from compressor.plan import PlanOptions
+    from compressor.engine.plan import PlanOptions
 
-    return get("graph-rw")(analysis, PlanOptions(ratio=ratio, extra=extra))
+    return get("graph-rw").plan(analysis, PlanOptions(ratio=ratio, extra=extra))
 
 
 def reached(analysis, plan) -> float:
@@ -287,9 +288,9 @@ def test_bad_method_options_fail_before_planning(resnet56_onnx):
 
 def test_selection_differs_from_l1_on_a_crafted_layer(tmp_path):
     """Filter 7 has the largest L1 norm but is orthogonal to all others: l1 keeps it, the random walk never visits it."""
-    from compressor.analysis import analyze
+    from compressor.engine.analysis import analyze
     from compressor.methods import get
-    from compressor.plan import PlanOptions
+    from compressor.engine.plan import PlanOptions
 
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, bias=False), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1, bias=False))
     rng = np.random.default_rng(0)
@@ -301,8 +302,8 @@ def test_selection_differs_from_l1_on_a_crafted_layer(tmp_path):
         net[2].weight.fill_(1.0)
     analysis = analyze(export_onnx(net, tmp_path / "crafted.onnx", (1, 3, 8, 8)))
     options = PlanOptions(ratio=0.125, extra={"layer_rates": "uniform"})
-    l1 = get("l1")(analysis, options)
-    graph = get("graph-rw")(analysis, options)
+    l1 = get("l1").plan(analysis, options)
+    graph = get("graph-rw").plan(analysis, options)
     (group,) = graph.removed
     assert graph.removed[group].tolist() == [7]
     assert len(l1.removed[group]) == 1 and l1.removed[group][0] != 7
@@ -310,10 +311,27 @@ def test_selection_differs_from_l1_on_a_crafted_layer(tmp_path):
 
 def test_rates_hit_the_mac_target_on_resnet50(tmp_path):
     torchvision = pytest.importorskip("torchvision")
-    from compressor.analysis import analyze
+    from compressor.engine.analysis import analyze
 
     torch.manual_seed(0)
     analysis = analyze(export_onnx(torchvision.models.resnet50(weights=None), tmp_path / "r50.onnx", (1, 3, 64, 64)))
     for ratio, layer_rates in ((0.5, "rmt"), (0.3, "global")):
         plan = plan_with(analysis, ratio, layer_rates=layer_rates)
         assert abs(reached(analysis, plan) - ratio) <= 0.02, (layer_rates, ratio)
+
+
+def test_scale_invariant_variant_ignores_filter_norms():
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(24, 40))
+    w[5] = w[2] + 0.1 * rng.normal(size=40)  # some dependency structure
+    scaled = w * rng.uniform(0.05, 3.0, size=(24, 1))
+    plain, _ = rw.filter_scores(w)
+    plain_scaled, _ = rw.filter_scores(scaled)
+    unit, unit_lis = rw.filter_scores(w, normalize=True)
+    unit_scaled, unit_scaled_lis = rw.filter_scores(scaled, normalize=True)
+    assert np.allclose(unit, unit_scaled, rtol=1e-9, atol=1e-12 * unit.max())
+    assert unit_lis == pytest.approx(unit_scaled_lis, rel=1e-9)
+    assert np.abs(plain - plain_scaled).max() > 0.1 * plain.max()  # the default follows the norms
+    assert rw.parse_graph_rw_options({"rw_normalize": "true"}).normalize is True
+    with pytest.raises(CompressorError):
+        rw.parse_graph_rw_options({"rw_normalize": "maybe"})

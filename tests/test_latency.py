@@ -19,18 +19,18 @@ import pytest
 
 import compressor
 from compressor import methods
-from compressor.analysis import analyze
-from compressor.cost import model_cost
+from compressor.engine.analysis import analyze
+from compressor.engine.cost import model_cost
 from compressor.errors import CompressorError
-from compressor.latency import ProfileSettings, check, plan_for_latency, planner, resolve_request, table
+from compressor.latency import ProfileSettings, check, paired, plan_for_latency, planner, resolve_request, table
 from compressor.latency.allocate import BlockChoice, GroupChoice, ItemCost, allocate_latency
 from compressor.latency.importance import kept_value, method_scores, unit_values
 from compressor.latency.micro import find_items, micro_model, structure_key
 from compressor.latency.grid import (ItemTable, aligned_widths, fit_fixed_share, interpolation_weights, level_points,
                                      level_widths)
 from compressor.latency.micro import CostItem
-from compressor.plan import PlanOptions
-from compressor.surgery import apply_plan
+from compressor.engine.plan import PlanOptions
+from compressor.engine.surgery import apply_plan
 from tests.graphs import GraphBuilder, head
 
 REPO = Path(__file__).resolve().parents[1]
@@ -236,7 +236,7 @@ def test_method_scores_use_registered_scorers_graph_rw_and_fall_back_to_l1(monke
     assert note is None and set(scores) == set(groups)
     scores, note = method_scores("graph-rw", analysis, options, groups)
     assert note and "graph-rw" in note and set(scores) == set(groups)
-    monkeypatch.setitem(methods._REGISTRY, "plain", lambda analysis, options: None)
+    monkeypatch.setitem(methods.METHODS, "plain", methods.Method("plain", lambda analysis, options: None))
     scores, note = method_scores("plain", analysis, options, groups)
     assert "l1" in note and set(scores) == set(groups)
     with pytest.raises(CompressorError, match="scoring method"):
@@ -439,7 +439,7 @@ def biased_pair(bias: float, calls: list):
     def pair(original, candidate, request, input_shapes=None, warmup=None, runs=None):
         calls.append(1)
         before = measure(original, None, 1, None, input_shapes=input_shapes)
-        return check.PairMeasurement(before, bias * measure(candidate, None, 1, None, input_shapes=input_shapes), 3)
+        return paired.PairMeasurement(before, bias * measure(candidate, None, 1, None, input_shapes=input_shapes), 3)
 
     return pair
 
@@ -448,9 +448,9 @@ def biased_pair(bias: float, calls: list):
 def test_closed_loop_corrects_a_biased_model_and_stops_within_the_budget(cache_dir, monkeypatch, bias):
     monkeypatch.setattr(table, "measure_ms", fake_ms(per_layer_ms=0.2, per_gmac_ms=200.0))
     calls = []
-    monkeypatch.setattr(check, "measure_pair", biased_pair(bias, calls))
+    monkeypatch.setattr(paired, "measure_pair", biased_pair(bias, calls))
     analysis = analyze(residual_net(width=64, blocks=3))
-    settings = ProfileSettings(**{**vars(FAST), "loop_iterations": 3})
+    settings = ProfileSettings(**{**vars(FAST), "loop_iterations": 3, "aligned_baseline": False})
     request = resolve_request("latency", 0.5, "cpu:1", 1, None, None, settings=settings)
     planned = plan_for_latency(analysis, "l1", PlanOptions(0.5, "latency"), request)
     loop = planned.info["closed_loop"]
@@ -470,12 +470,12 @@ def test_closed_loop_corrects_a_biased_model_and_stops_within_the_budget(cache_d
 def test_closed_loop_stops_at_the_first_candidate_inside_the_window(cache_dir, monkeypatch):
     monkeypatch.setattr(table, "measure_ms", fake_ms(per_layer_ms=0.2, per_gmac_ms=200.0))
     calls = []
-    monkeypatch.setattr(check, "measure_pair", biased_pair(1.0, calls))
+    monkeypatch.setattr(paired, "measure_pair", biased_pair(1.0, calls))
     analysis = analyze(residual_net(width=64, blocks=3))
     open_loop = plan_for_latency(analysis, "l1", PlanOptions(0.5, "latency"),
                                  resolve_request("latency", 0.5, "cpu:1", 1, None, None, settings=FAST))
     fraction = biased_pair(1.0, [])(analysis.proto, apply_plan(analysis, open_loop.plan), None).fraction
-    settings = ProfileSettings(**{**vars(FAST), "loop_iterations": 3})
+    settings = ProfileSettings(**{**vars(FAST), "loop_iterations": 3, "aligned_baseline": False})
     planned = plan_for_latency(analysis, "l1", PlanOptions(0.5, "latency"),
                                resolve_request("latency", 0.5, "cpu:1", 1, None, None, settings=settings))
     if planner.LOOP_ACCEPT * 0.5 <= fraction <= 0.5:
@@ -539,7 +539,7 @@ def launch_bound_pair(calls: list, per_mac_share: float = 0.1, noise: float = 0.
             share = per_mac_share * model_cost(model, input_shapes).macs / full
             return (1.0 + share) * rng.uniform(1 - noise, 1 + noise)
 
-        return check.PairMeasurement(timed(original), timed(candidate), 3)
+        return paired.PairMeasurement(timed(original), timed(candidate), 3)
 
     return pair
 
@@ -547,7 +547,7 @@ def launch_bound_pair(calls: list, per_mac_share: float = 0.1, noise: float = 0.
 def candidate_stub(internal_ms: float, predicted_ms: float, before_ms: float, after_ms: float, kept: float):
     return planner._Candidate(plan=None, allocation=SimpleNamespace(kept_value=kept), predicted_ms=predicted_ms,
                               internal_budget_ms=internal_ms, corrected_fraction=predicted_ms,
-                              measured=check.PairMeasurement(before_ms, after_ms, 200))
+                              measured=paired.PairMeasurement(before_ms, after_ms, 200))
 
 
 # the three candidates of the committed H200 run (benchmarks/results/latency_aware_r56_ratio025.json), budget 0.75
@@ -594,9 +594,9 @@ def test_closed_loop_on_a_launch_bound_target_stops_without_removing_everything(
     # barely helps and the budget is out of reach
     monkeypatch.setattr(table, "measure_ms", fake_ms(per_layer_ms=0.2, per_gmac_ms=200.0))
     calls = []
-    monkeypatch.setattr(check, "measure_pair", launch_bound_pair(calls, seed=seed))
+    monkeypatch.setattr(paired, "measure_pair", launch_bound_pair(calls, seed=seed))
     analysis = analyze(residual_net(width=64, blocks=3))
-    settings = ProfileSettings(**{**vars(FAST), "loop_iterations": 4})
+    settings = ProfileSettings(**{**vars(FAST), "loop_iterations": 4, "aligned_baseline": False})
     request = resolve_request("latency", ratio, "cpu:1", 1, None, None, settings=settings)
     planned = plan_for_latency(analysis, "l1", PlanOptions(ratio, "latency"), request)
     loop = planned.info["closed_loop"]

@@ -9,7 +9,7 @@ from onnx import helper, numpy_helper
 
 import compressor
 from compressor.errors import CompressorError
-from compressor.loading import load_model, parse_input_shapes, resolve_input_shapes
+from compressor.engine.loading import load_model, parse_input_shapes, resolve_input_shapes
 from tests.graphs import GraphBuilder, head
 
 

@@ -271,6 +271,9 @@ def test_check_outputs_fails_loudly():
     assert check_outputs(reference, reference + 1e-6, "same")["max_abs_diff"] < 2e-6
     with pytest.raises(VerificationError):
         check_outputs(reference, reference + 1e-2, "off")
+    tiny = reference * 1e-6  # logits ~1e-6: an error as large as the output itself must fail (no absolute floor)
+    with pytest.raises(VerificationError):
+        check_outputs(tiny, tiny * 2, "tiny")
 
 
 @pytest.mark.parametrize("keep_bn", [pytest.param(False, marks=needs_dynamo), True])

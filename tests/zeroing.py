@@ -6,8 +6,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from compressor.analysis import Analysis
-from compressor.plan import Plan
+from compressor.engine.analysis import Analysis
+from compressor.engine.plan import Plan
 
 MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from compressor.calibration.sensitivity import Sensitivity
-from compressor.cost import is_param
+from compressor.engine.cost import is_param
 
 EPS = 1e-12
 

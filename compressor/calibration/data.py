@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from compressor.errors import CompressorError
-from compressor.shapes import ONNX_TO_NUMPY
+from compressor.runtime.inputs import ONNX_TO_NUMPY
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

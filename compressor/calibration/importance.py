@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from compressor.errors import CompressorError
-from compressor.graph import attr
+from compressor.engine.graph import attr
 
 DATA_SCORES = ("obs", "energy", "act")
 MAX_GRAM_FEATURES = 4096  # a consumer with more input features gets `energy` instead of `obs` (cost ~ D²·steps)

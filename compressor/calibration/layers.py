@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from compressor.graph import attr
+from compressor.engine.graph import attr
 
 LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 

@@ -22,11 +22,12 @@ from compressor.calibration.sensitivity import Sensitivity, measure, probe_count
 from compressor.calibration.taps import declared_batch, stream_tensors
 from compressor.errors import CompressorError
 from compressor.latency.importance import MeasuredImportance, method_scores
-from compressor.plan import (Plan, allocate, baseline_value, kept_count, plan_from_counts, prunable_groups,
+from compressor.engine.plan import (Plan, allocate, baseline_value, kept_count, plan_from_counts, prunable_groups,
                              target_value)
 
 R_MAX = 0.9
 ALLOCATIONS = ("sensitivity", "method")
+CALIBRATION_OPTIONS = ("calib_importance", "calib_blend", "calib_allocation", "calib_probe_images")  # -O keys read here
 _CACHE: dict[tuple, tuple] = {}
 _CACHE_SIZE = 8
 PROBE_IMAGES = 128

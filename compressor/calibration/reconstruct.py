@@ -24,7 +24,7 @@ from compressor.calibration.ridge import GramStats, fit
 from compressor.calibration.refit import write_layer
 from compressor.calibration.residual import SkipTarget, compensated_target, find_skip
 from compressor.calibration.segments import SegmentedRunner
-from compressor.runtime import cpu_session
+from compressor.runtime.sessions import built_model, cpu_session
 
 Progress = Callable[[str], None]
 MAX_ROWS = 65536
@@ -331,6 +331,4 @@ def run_layer(node: onnx.NodeProto, x: np.ndarray, weight: np.ndarray, bias: np.
     elem = onnx.helper.np_dtype_to_tensor_dtype(x.dtype)
     graph = onnx.helper.make_graph([node], "layer", [onnx.helper.make_tensor_value_info(node.input[0], elem, list(x.shape))],
                                    [onnx.ValueInfoProto(name=node.output[0])], inits)
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return cpu_session(model).run(None, {node.input[0]: x})[0]
+    return cpu_session(built_model(graph)).run(None, {node.input[0]: x})[0]

@@ -9,7 +9,7 @@ import onnx
 from onnx import numpy_helper
 
 from compressor.calibration.layers import LinearLayer, initializer_value
-from compressor.graph import attr, set_attr
+from compressor.engine.graph import attr, set_attr
 
 
 def write_layer(proto: onnx.ModelProto, layer: LinearLayer, weight: np.ndarray, bias: np.ndarray) -> None:

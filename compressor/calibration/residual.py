@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 
 from compressor.calibration.layers import LinearLayer, initializer_value
-from compressor.graph import attr
+from compressor.engine.graph import attr
 
 AFFINE_CONSTANT_OPS = ("Mul", "Div", "Add", "Sub")
 

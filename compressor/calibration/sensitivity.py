@@ -19,9 +19,9 @@ import onnx
 from onnx import numpy_helper
 
 from compressor.calibration.importance import Consumer, linear_to_weight, refit_linear
-from compressor.plan import Plan
-from compressor.runtime import cpu_session
-from compressor.surgery import zeroed_reference
+from compressor.engine.plan import Plan
+from compressor.runtime.sessions import cpu_session
+from compressor.engine.surgery import zeroed_reference
 
 PROBE_RATES = (0.3, 0.6, 0.9)
 

@@ -13,7 +13,7 @@ import onnx
 
 from compressor.calibration.data import CalibrationSet
 from compressor.errors import CompressorError
-from compressor.runtime import cpu_session
+from compressor.runtime.sessions import cpu_session
 
 Consumer = Callable[[dict[str, np.ndarray]], None]
 Progress = Callable[[str], None]

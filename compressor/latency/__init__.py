@@ -5,12 +5,14 @@
     check = check_latency(analysis.proto, compressed, planned, request) # measured vs predicted
 
 Modules: micro (cost items, micro-models, layer signatures), cache (on-disk table), table (profiling, alignment,
-calibration), importance (method scores made comparable), allocate (the knapsack), planner, check.
+calibration), importance (method scores made comparable), allocate (the knapsack), planner (the closed loop),
+result (LatencyPlan), paired (side-by-side measurement), check (predicted vs measured).
 """
 
 from compressor.latency.check import check_latency, flag_note
-from compressor.latency.planner import LatencyPlan, plan_for_latency
+from compressor.latency.planner import LATENCY_OPTIONS, plan_for_latency
+from compressor.latency.result import LatencyPlan
 from compressor.latency.request import LATENCY_TARGET, LatencyRequest, ProfileSettings, resolve_request
 
-__all__ = ["LATENCY_TARGET", "LatencyPlan", "LatencyRequest", "ProfileSettings", "check_latency", "flag_note",
+__all__ = ["LATENCY_OPTIONS", "LATENCY_TARGET", "LatencyPlan", "LatencyRequest", "ProfileSettings", "check_latency", "flag_note",
            "plan_for_latency", "resolve_request"]

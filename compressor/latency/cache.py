@@ -1,7 +1,7 @@
 """The on-disk latency cache: measured milliseconds per model structure, one JSON file per measuring context.
 
-A context is what makes a measurement valid elsewhere: the target (cuda:N or cpu:T), the batch size, the ONNX
-Runtime version and the device's name (GPU name, or CPU model). Entries are keyed by `micro.structure_key` of the
+A context is what makes a measurement valid elsewhere: the target (cuda:N or cpu:T), the batch size, the precision
+the models are timed in (fp32, fp16), the ONNX Runtime version and the device's name (GPU name, or CPU model). Entries are keyed by `micro.structure_key` of the
 measured model (the layer signature: ops, attributes, shapes; no names or weights), so the same layer in another
 model, or in a second run, is never measured twice.
 
@@ -13,11 +13,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import time
 from pathlib import Path
 
 from compressor.errors import CompressorError
+from compressor.files import write_text
 
 
 def default_cache_dir() -> Path:
@@ -28,19 +28,20 @@ def default_cache_dir() -> Path:
 
 def device_name(target) -> str:
     """A human name of the device behind `target`: the GPU's name for cuda targets, the CPU model for cpu ones."""
-    from compressor.bench_report import _cpu_model, _gpu_description
+    from compressor.runtime.probes import cpu_model, gpu_description
 
     if target.on_gpu:
-        name = _gpu_description(target.device_id).get("name")
+        name = gpu_description(target.device_id).get("name")
         return name or f"unknown GPU {target.device_id}"
-    return _cpu_model() or "unknown CPU"
+    return cpu_model() or "unknown CPU"
 
 
-def context_of(target, batch: int) -> dict[str, str | int]:
-    """The measuring context: target, batch, ONNX Runtime version, device name."""
+def context_of(target, batch: int, precision: str = "fp32") -> dict[str, str | int]:
+    """The measuring context: target, batch, precision of the timed models, ONNX Runtime version, device name."""
     import onnxruntime as ort
 
-    return {"target": target.label, "batch": int(batch), "onnxruntime": ort.__version__, "device": device_name(target)}
+    return {"target": target.label, "batch": int(batch), "precision": precision, "onnxruntime": ort.__version__,
+            "device": device_name(target)}
 
 
 class LatencyCache:
@@ -50,11 +51,10 @@ class LatencyCache:
         self.context = dict(context)
         self.folder = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         slug = "-".join(re.sub(r"[^A-Za-z0-9.]+", "_", str(self.context[k])).strip("_")
-                        for k in ("target", "batch", "onnxruntime", "device"))
+                        for k in ("target", "batch", "precision", "onnxruntime", "device"))
         self.path = self.folder / f"{slug}.json"
         self.entries: dict[str, dict] = self._read()
         self.hits = 0
-        self.misses = 0
 
     def _read(self) -> dict[str, dict]:
         try:
@@ -71,7 +71,6 @@ class LatencyCache:
         """Cached milliseconds for `key`, or None."""
         entry = self.entries.get(key)
         if entry is None:
-            self.misses += 1
             return None
         self.hits += 1
         return float(entry["ms"])
@@ -88,11 +87,10 @@ class LatencyCache:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             merged = {**self._read(), **self.entries}
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.folder)
-            with os.fdopen(fd, "w") as handle:
-                json.dump({"context": self.context, "entries": merged}, handle, indent=1, sort_keys=True)
-            os.replace(tmp, self.path)
-        except OSError as exc:
-            raise CompressorError(f"cannot write the latency cache {self.path}: {exc.strerror or exc} "
+            text = json.dumps({"context": self.context, "entries": merged}, indent=1, sort_keys=True)
+            write_text(self.path, text)
+        except (OSError, CompressorError) as exc:
+            reason = getattr(exc, "strerror", None) or exc
+            raise CompressorError(f"cannot write the latency cache {self.path}: {reason} "
                                   "(set COMPRESSOR_CACHE to a writable folder)") from exc
         self._dirty = False

@@ -1,6 +1,6 @@
 """Measure a candidate against the original on the target, side by side with the prediction.
 
-Both models are timed in interleaved rounds (A B A B ...) by compressor.bench.run_benchmark, in this process, with
+Both models are timed in interleaved rounds (A B A B ...) by compressor.runtime.bench.run_benchmark, in this process, with
 the session options of `compress bench` (`measure_pair`). The candidate's latency is judged as a *paired ratio*: the
 median over rounds of (candidate's round median / original's round median), so a machine that drifts between rounds
 (launch-bound GPU models at batch 1 move by 30% from one moment to the next) moves both models of a round alike.
@@ -18,67 +18,20 @@ candidate was measured, so the error is a real prediction error); the uncorrecte
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-import numpy as np
 import onnx
 
+from compressor.latency import paired
+from compressor.latency.paired import PairMeasurement
 from compressor.latency.request import LatencyRequest
-
-if TYPE_CHECKING:
-    from compressor.latency.planner import LatencyPlan
+from compressor.latency.result import LatencyPlan
 
 ERROR_FLAG = 0.10
-CHECK_WARMUP = {"gpu": 50, "cpu": 3}
-CHECK_RUNS = {"gpu": 300, "cpu": 20}
-CHECK_ROUNDS = {"gpu": 10, "cpu": 5}
-
-
-@dataclass(frozen=True)
-class PairMeasurement:
-    """p50 milliseconds of the original and a candidate, timed in the same interleaved benchmark, and the
-    candidate/original ratio of every round (empty when unknown)."""
-
-    before_ms: float
-    after_ms: float
-    runs: int
-    round_ratios: tuple[float, ...] = ()
-
-    @property
-    def fraction(self) -> float:
-        """Candidate latency as a fraction of the original's: the median of the per-round ratios (paired), else
-        the ratio of the p50s."""
-        if self.round_ratios:
-            return float(np.median(self.round_ratios))
-        return self.after_ms / self.before_ms if self.before_ms > 0 else 1.0
-
-
-def measure_pair(original: onnx.ModelProto, candidate: onnx.ModelProto, request: LatencyRequest,
-                 input_shapes: dict | None = None, warmup: int | None = None, runs: int | None = None
-                 ) -> PairMeasurement:
-    """Time original and candidate on the request's target and batch (interleaved rounds, bench session options)."""
-    from compressor.bench import run_benchmark
-
-    kind = "gpu" if request.target.on_gpu else "cpu"
-    warmup = request.settings.check_warmup if warmup is None else warmup
-    runs = request.settings.check_runs if runs is None else runs
-    report = run_benchmark([original, candidate], [request.target], [request.batch],
-                           warmup=CHECK_WARMUP[kind] if warmup is None else warmup,
-                           runs=CHECK_RUNS[kind] if runs is None else runs, rounds=CHECK_ROUNDS[kind],
-                           input_shapes=input_shapes, isolate=False, names=["original", "compressed"], with_cost=False,
-                           memory=False, environment=False)
-    before, after = sorted(report.measurements, key=lambda m: m.model_index)
-    ratios = tuple(a / b for a, b in zip(after.round_medians_ms, before.round_medians_ms) if b > 0)
-    return PairMeasurement(before.p50_ms, after.p50_ms, before.runs, ratios)
-
-
-def check_fields(planned: "LatencyPlan", measured: PairMeasurement, predicted_fraction: float) -> dict:
+def check_fields(planned: LatencyPlan, measured: PairMeasurement, predicted_fraction: float) -> dict:
     """The report fields comparing the prediction for `planned` with its measurement."""
     before, after = measured.before_ms, measured.after_ms
     full = planned.model.full_ms
     predicted = predicted_fraction * before
-    model_fraction = planned.model_predicted_ms / full if full > 0 else 1.0
+    model_fraction = planned.predicted_ms / full if full > 0 else 1.0
     error = (predicted - after) / after if after > 0 else None
     budget = planned.budget_ms if planned.ratio is None else (1.0 - planned.ratio) * before
     return {
@@ -89,10 +42,8 @@ def check_fields(planned: "LatencyPlan", measured: PairMeasurement, predicted_fr
         "budget_ms": budget,
         "predicted_ms": predicted,
         "predictor_error": error,
-        "model_predicted_ms": planned.model_predicted_ms,
+        "model_predicted_ms": planned.predicted_ms,  # "predicted_ms" above is corrected by the closed loop
         "model_predictor_error": (model_fraction * before - after) / after if after > 0 else None,
-        # kept for reports made before the closed loop: the uncorrected model rescaled to the original's latency now
-        "predictor_error_rescaled": (model_fraction * before - after) / after if after > 0 else None,
         "flagged": bool(error is not None and abs(error) > ERROR_FLAG),
         "budget_met_measured": bool(after <= budget if planned.ratio is None else
                                     measured.fraction <= 1.0 - planned.ratio + 1e-9),
@@ -100,7 +51,7 @@ def check_fields(planned: "LatencyPlan", measured: PairMeasurement, predicted_fr
     }
 
 
-def check_latency(original: onnx.ModelProto, result: onnx.ModelProto, planned: "LatencyPlan", request: LatencyRequest,
+def check_latency(original: onnx.ModelProto, result: onnx.ModelProto, planned: LatencyPlan, request: LatencyRequest,
                   input_shapes: dict | None = None, warmup: int | None = None, runs: int | None = None) -> dict:
     """Measured latency of original and result on the request's target and batch, with the predictor error.
 
@@ -109,7 +60,7 @@ def check_latency(original: onnx.ModelProto, result: onnx.ModelProto, planned: "
     """
     if planned.measured is not None:
         return check_fields(planned, planned.measured, planned.predicted_fraction)
-    measured = measure_pair(original, result, request, input_shapes, warmup, runs)
+    measured = paired.measure_pair(original, result, request, input_shapes, warmup, runs)
     return check_fields(planned, measured, planned.predicted_fraction)
 
 

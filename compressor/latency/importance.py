@@ -1,8 +1,8 @@
 """Importance for the latency allocation: the method's per-unit scores, made comparable across groups.
 
-Scores come from the method's registered scorer (compressor.methods.get_scores). graph-rw registers none, so its
-random-walk scores π are taken through its `score_groups` (its layer rates are replaced by the latency allocation);
-any other method without a scorer falls back to l1 norms, and the report says so.
+Scores come from the method's registered scorer (compressor.methods.registry: graph-rw's is its random-walk scores π,
+its layer rates being replaced by the latency allocation); a method without a scorer falls back to l1 norms, and the
+report says so.
 
 Comparability: a method ranks the units *within* a group; the allocation trades units *across* groups and blocks.
 Each unit's value is its score divided by its group's mean score, so every group is worth about its width and a unit
@@ -34,41 +34,36 @@ measured damage in the same currency, whatever the widths its groups had.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from compressor.errors import CompressorError
+from compressor.methods import registry
+
+FALLBACK_SCORES = "l1"  # the importance of a method that registers no scores function
+
+if TYPE_CHECKING:
+    from compressor.engine.analysis import Analysis
+    from compressor.engine.plan import PlanOptions
 
 
-def method_scores(method: str, analysis, options, groups: list[int]) -> tuple[dict[int, np.ndarray], str | None]:
-    """Per-unit scores of `groups` from `method`, and a note when they come from an adapter or a fallback."""
-    from compressor import methods
-
-    methods.get(method)  # an unknown method fails here with the list of choices
-    if method == "zeros":
-        raise CompressorError("--target latency needs a scoring method (l1, l2, random, graph-rw, ...): "
-                              "zeros only removes what is already zero")
-    scorer = methods.get_scores(method) if hasattr(methods, "get_scores") else None
-    if scorer is not None:
-        return _checked(scorer(analysis, options), analysis, groups), None
-    if method == "graph-rw":
-        try:
-            from compressor.methods import graph_rw
-
-            scores, _ = graph_rw.score_groups(analysis, groups, graph_rw.parse_graph_rw_options(options.extra))
-            return _checked(scores, analysis, groups), ("graph-rw: random-walk filter scores from score_groups; its "
-                                                        "layer rates are replaced by the latency allocation")
-        except (ImportError, AttributeError, TypeError) as exc:
-            reason = f"graph-rw exposes no usable scores ({type(exc).__name__})"
-    else:
-        reason = f"method '{method}' registers no scores function"
-    from compressor.methods.norms import group_norm_scores
-
-    return _checked(group_norm_scores(analysis, 1), analysis, groups), f"{reason}: l1 filter norms used as importance"
+def method_scores(method: str, analysis: Analysis, options: PlanOptions, groups: list[int]
+                  ) -> tuple[dict[int, np.ndarray], str | None]:
+    """Per-unit scores of `groups` from `method`'s registered scorer, and a note when they come from an adapter
+    (the method's scores_note) or from l1 norms standing in for a method that registers none."""
+    entry = registry.get(method)  # an unknown method fails here with the list of choices
+    if not entry.needs_ratio:
+        scoring = ", ".join(name for name in registry.available() if registry.get(name).needs_ratio)
+        raise CompressorError(f"--target latency needs a scoring method ({scoring}): '{method}' takes no ratio")
+    if entry.scores is not None:
+        return _checked(entry.scores(analysis, options), analysis, groups), entry.scores_note
+    fallback = registry.get(FALLBACK_SCORES).scores
+    return (_checked(fallback(analysis, options), analysis, groups),
+            f"method '{method}' registers no scores function: {FALLBACK_SCORES} filter norms used as importance")
 
 
-def _checked(scores: dict[int, np.ndarray], analysis, groups: list[int]) -> dict[int, np.ndarray]:
+def _checked(scores: dict[int, np.ndarray], analysis: Analysis, groups: list[int]) -> dict[int, np.ndarray]:
     out = {}
     for g in groups:
         size = analysis.groups[g].size

@@ -16,13 +16,17 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from compressor.cost import MAC_OPS, is_param
-from compressor.surgery import SurgeryContext
+from compressor.engine.cost import MAC_OPS, is_param
+from compressor.engine.surgery import SurgeryContext, apply_rewrites, keep_function, slice_parameters
+
+if TYPE_CHECKING:
+    from compressor.engine.analysis import Analysis
 
 # Ops that act on each channel alone; a chain of them after a layer (each the only reader of its input, every
 # other input constant) belongs to the layer's cost item, as ONNX Runtime usually fuses or streams them with it.
@@ -51,7 +55,7 @@ class CostItem:
     blocks: frozenset[int]
 
 
-def find_items(analysis, variable_groups: set[int]) -> list[CostItem]:
+def find_items(analysis: Analysis, variable_groups: set[int]) -> list[CostItem]:
     """The layer items (every MAC node with a constant weight, with its follower chain) and the join items (one per
     removable block) of `analysis`; `variable_groups` are the groups whose widths the allocation may change."""
     view = analysis.view
@@ -87,7 +91,7 @@ def _follower_chain(view, node: onnx.NodeProto) -> list[onnx.NodeProto]:
         chain.append(nxt)
 
 
-def _item(analysis, index: int, kind: str, nodes: list[onnx.NodeProto], blocks: frozenset[int],
+def _item(analysis: Analysis, index: int, kind: str, nodes: list[onnx.NodeProto], blocks: frozenset[int],
           variable_groups: set[int]) -> CostItem:
     view = analysis.view
     names = {n.name for n in nodes}
@@ -108,7 +112,7 @@ def _item(analysis, index: int, kind: str, nodes: list[onnx.NodeProto], blocks: 
     return CostItem(index, nodes[0].name, kind, tuple(n.name for n in nodes), tuple(inputs), tuple(outputs), dims, blocks)
 
 
-def removed_units(analysis, widths: dict[int, int]) -> np.ndarray:
+def removed_units(analysis: Analysis, widths: dict[int, int]) -> np.ndarray:
     """Boolean mask over unit ids that keeps `widths[g]` units of each listed group (the last prunable ones go)."""
     removed = np.zeros(len(analysis.unit_roots), dtype=bool)
     for g, kept in widths.items():
@@ -120,7 +124,7 @@ def removed_units(analysis, widths: dict[int, int]) -> np.ndarray:
     return removed
 
 
-def micro_model(analysis, item: CostItem, widths: dict[int, int], batch: int, copies: int = 1,
+def micro_model(analysis: Analysis, item: CostItem, widths: dict[int, int], batch: int, copies: int = 1,
                 weights: bool = True, pooled: bool = False) -> onnx.ModelProto:
     """A model computing `item` alone at the given group widths and batch size, `copies` times side by side.
 
@@ -133,12 +137,7 @@ def micro_model(analysis, item: CostItem, widths: dict[int, int], batch: int, co
     into a numpy array, work the network does not do (and that would dwarf a memory-bound layer).
     """
     view = analysis.view
-    removed = removed_units(analysis, widths)
-    roots = analysis.unit_roots
-
-    def keep(units: np.ndarray) -> np.ndarray:
-        return ~removed[roots[np.asarray(units, dtype=np.int64)]]
-
+    keep = keep_function(analysis, removed_units(analysis, widths))
     nodes = [onnx.NodeProto() for _ in item.nodes]
     by_name = {n.name: n for n in view.nodes}
     for copy, name in zip(nodes, item.nodes):
@@ -166,20 +165,8 @@ def micro_model(analysis, item: CostItem, widths: dict[int, int], batch: int, co
     proto = helper.make_model(graph, opset_imports=list(analysis.proto.opset_import), ir_version=analysis.proto.ir_version)
     ctx = SurgeryContext(proto)
     names = set(item.nodes)
-    done: set[tuple[str, int]] = set()
-    for p in analysis.params:
-        if p.node in names and (p.init, p.axis) not in done and p.init in ctx.inits:
-            done.add((p.init, p.axis))
-            mask = keep(p.units)
-            if mask.all():
-                continue
-            if p.init in placeholders:
-                proto.graph.initializer[ctx.inits[p.init]].dims[p.axis] = int(mask.sum())
-            else:
-                ctx.replace(p.init, np.compress(mask, ctx.value(p.init), axis=p.axis))
-    for node_name, rewrite in analysis.rewrites:
-        if node_name in names:
-            rewrite(next(n for n in proto.graph.node if n.name == node_name), keep, ctx)
+    slice_parameters(analysis, ctx, keep, lambda p: p.node in names, placeholders)
+    apply_rewrites(analysis, ctx, keep)
     if weights:
         _declare_output_shapes(proto)
     return _replicate(proto, copies) if copies > 1 else proto
@@ -197,7 +184,7 @@ def _declare_output_shapes(proto: onnx.ModelProto) -> None:
             out.CopyFrom(known[out.name])
 
 
-def _analysis_batch(analysis) -> int:
+def _analysis_batch(analysis: Analysis) -> int:
     shapes = [s for s in analysis.input_shapes.values() if s]
     return int(shapes[0][0]) if shapes else 1
 
@@ -209,7 +196,7 @@ def _elem_type(view, tensor: str) -> int:
     return TensorProto.FLOAT
 
 
-def _shape_at(analysis, tensor: str, keep, batch: int, base_batch: int) -> list[int]:
+def _shape_at(analysis: Analysis, tensor: str, keep, batch: int, base_batch: int) -> list[int]:
     shape = list(analysis.view.shape(tensor) or ())
     if not shape:
         raise ValueError(f"tensor '{tensor}' has no known shape")

@@ -9,52 +9,32 @@ for at least that fraction of the MACs removed.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from compressor.errors import CompressorError
-from compressor.latency import check
+from compressor.latency import paired
+from compressor.latency.result import LatencyPlan
 from compressor.latency.allocate import BlockChoice, GroupChoice, ItemCost, allocate_latency
+from compressor.latency.baseline import BaselineOutcome, measure_aligned_baseline, same_plan
 from compressor.latency.importance import MeasuredImportance, kept_value, method_scores, unit_values
-from compressor.latency.check import PairMeasurement
+from compressor.latency.paired import PairMeasurement
 from compressor.latency.request import LatencyRequest
 from compressor.latency.table import LatencyModel, build_latency_model
-from compressor.plan import Plan, kept_count, plan_from_counts, prunable_groups
+from compressor.engine.plan import MAX_RATE, Plan, kept_count, plan_from_counts, prunable_groups
 
-R_MAX = 0.9  # at most 90% of a group's channels go, as in the MAC-targeted allocators
+if TYPE_CHECKING:
+    from compressor.engine.analysis import Analysis
+
 LOOP_AIM = 0.97  # the closed loop aims a little under the budget (timing noise) ...
 LOOP_ACCEPT = 0.92  # ... and stops at a candidate measuring between this fraction of the budget and the budget
 LOOP_STEP = 0.7  # one correction moves the allocation budget by at most this factor (down) or its inverse (up)
 LOOP_MARGIN = 0.1  # once the budget is bracketed, the next allocation budget stays this share off either end
 LOOP_REACH_STEP = 0.85  # two slow candidates this far apart in budget judge whether the budget is in reach at all
+LATENCY_OPTIONS = ("macs_ratio", "block_value")  # the --method-option keys this planner reads
 BLOCK_VALUE_FACTOR = 0.5  # default importance of a dropped residual branch relative to its channels (importance.py)
-
-
-@dataclass
-class LatencyPlan:
-    """The chosen plan, the latency model it was chosen with, and the report section (`info`).
-
-    budget_ms: the requested budget in the latency model's milliseconds (anchored on the original measured when
-    the table was built); predicted_ms: the latency model's prediction for the plan (model_predicted_ms, the same);
-    predicted_fraction: the prediction as a fraction of the original's latency, corrected by the closed loop's
-    earlier measurements; measured: the closed loop's measurement of this plan against the original (None when
-    the loop was off); ratio: the requested --ratio (None for --latency-ms).
-    """
-
-    plan: Plan
-    model: LatencyModel
-    budget_ms: float
-    predicted_ms: float
-    info: dict = field(default_factory=dict)
-    ratio: float | None = None
-    predicted_fraction: float = 1.0
-    measured: PairMeasurement | None = None
-
-    @property
-    def model_predicted_ms(self) -> float:
-        """The latency model's own prediction (no loop correction), in its milliseconds."""
-        return self.predicted_ms
 
 
 @dataclass
@@ -68,14 +48,14 @@ class _Candidate:
     seconds: float = 0.0
 
 
-def plan_for_latency(analysis, method: str, options, request: LatencyRequest, progress=None,
+def plan_for_latency(analysis: Analysis, method: str, options, request: LatencyRequest, progress=None,
                      measured: MeasuredImportance | None = None) -> LatencyPlan:
     """Plan the compression of `analysis` so that its latency on request.target meets the budget.
 
     Open loop (settings.loop_iterations == 0): the plan whose predicted latency meets the budget. Closed loop (the
     default): the budget is a fraction of the original's latency (1 − ratio, or latency_ms over the original as
     measured beside each candidate), and each candidate is built and measured against the original on the target,
-    side by side (check.measure_pair, a paired ratio). The budget handed to the allocation is corrected, damped and
+    side by side (paired.measure_pair, a paired ratio). The budget handed to the allocation is corrected, damped and
     bounded (`_next_allocation_budget`), until a candidate measures within [LOOP_ACCEPT, 1] of the budget, for at
     most loop_iterations candidates and within the profile budget; `_choose` picks the result (`measured`: see
     importance.MeasuredImportance).
@@ -125,11 +105,19 @@ def plan_for_latency(analysis, method: str, options, request: LatencyRequest, pr
     remaining = None if request.profile_budget_s is None else request.profile_budget_s - (time.perf_counter() - started)
     tried = _closed_loop(analysis, model, candidate, first, budget, request, remaining, progress)
     chosen, choice_note = _choose(tried, budget, model.full_ms, request)
+    remaining = None if request.profile_budget_s is None else request.profile_budget_s - (time.perf_counter() - started)
+    baseline = _aligned_baseline(analysis, method, options, model, chosen, tried, budget, request, remaining, progress)
+    if baseline is not None and baseline.wins:
+        widths = {g: analysis.groups[g].size - len(baseline.plan.removed.get(g, ())) for g in variable}
+        predicted = model.predict_ms(widths, baseline.plan.dropped_blocks)
+        chosen = _Candidate(baseline.plan, chosen.allocation, predicted, chosen.internal_budget_ms,
+                            predicted / model.full_ms, baseline.measured)
     plan, allocation, predicted = chosen.plan, chosen.allocation, chosen.predicted_ms
     info = _report_section(request, model, budget, predicted, allocation, method, score_note)
     info["macs_ratio"] = macs_ratio
     info["block_value_factor"] = block_factor
     info["closed_loop"] = _loop_report(tried, chosen, model.full_ms)
+    info["aligned_baseline"] = baseline.to_dict() if baseline is not None else None
     plan.notes.append(f"latency on {request.target} batch {request.batch}: measured {model.full_ms:.4g} ms, budget "
                       f"{budget:.4g} ms, predicted {predicted:.4g} ms (alignment {model.alignment}, "
                       f"{model.info['measured']} timed, {model.info['cache_hits']} from the cache)")
@@ -140,6 +128,8 @@ def plan_for_latency(analysis, method: str, options, request: LatencyRequest, pr
                           if chosen.measured else "closed loop: no measurement")
         if choice_note:
             plan.notes.append(choice_note)
+    if baseline is not None:
+        plan.notes.append(baseline.note(analysis.macs))
     if score_note:
         plan.notes.append(score_note)
     if not allocation.met:
@@ -155,13 +145,13 @@ def plan_for_latency(analysis, method: str, options, request: LatencyRequest, pr
                        chosen.corrected_fraction, chosen.measured)
 
 
-def _closed_loop(analysis, model: LatencyModel, candidate, first: _Candidate, budget: float, request: LatencyRequest,
+def _closed_loop(analysis: Analysis, model: LatencyModel, candidate, first: _Candidate, budget: float, request: LatencyRequest,
                  remaining_s: float | None, progress) -> list[_Candidate]:
     """Measure candidates and correct the allocation's budget until one measures within the window under the budget.
 
     Stops at a candidate inside [LOOP_ACCEPT, 1] of the budget, after loop_iterations candidates, when the profile
     budget would run out, or when the correction has nothing new to try (see _next_allocation_budget)."""
-    from compressor.surgery import apply_plan
+    from compressor.engine.surgery import apply_plan
 
     iterations = request.settings.loop_iterations
     tried = [first]
@@ -173,7 +163,7 @@ def _closed_loop(analysis, model: LatencyModel, candidate, first: _Candidate, bu
         if progress:
             progress(f"measuring candidate {len(tried)} on {request.target}")
         compressed = apply_plan(analysis, current.plan)
-        current.measured = check.measure_pair(analysis.proto, compressed, request, analysis.input_shapes)
+        current.measured = paired.measure_pair(analysis.proto, compressed, request, analysis.input_shapes)
         current.seconds = time.perf_counter() - start
         if remaining_s is not None:
             remaining_s -= current.seconds
@@ -187,11 +177,23 @@ def _closed_loop(analysis, model: LatencyModel, candidate, first: _Candidate, bu
             break
         nxt = candidate(internal)
         nxt.corrected_fraction = _measured_relation(tried, model, wanted * LOOP_AIM)[0](nxt.predicted_ms)
-        if any(_same_plan(nxt.plan, t.plan) for t in tried):
+        if any(same_plan(nxt.plan, t.plan) for t in tried):
             break
         tried.append(nxt)
         current = nxt
     return tried
+
+
+def _aligned_baseline(analysis: Analysis, method: str, options, model: LatencyModel, chosen: _Candidate,
+                      tried: list[_Candidate], budget: float, request: LatencyRequest, remaining_s: float | None,
+                      progress) -> BaselineOutcome | None:
+    """The aligned MAC baseline judged against the choice (closed loop only, within the profile budget)."""
+    if not request.settings.aligned_baseline or chosen.measured is None or (
+            remaining_s is not None and remaining_s < chosen.seconds):
+        return None
+    wanted = _wanted(tried, budget, model.full_ms, request)
+    return measure_aligned_baseline(analysis, method, options, model.alignment, chosen.plan, chosen.measured.fraction,
+                                    wanted, request, progress)
 
 
 def _wanted(tried: list[_Candidate], budget: float, full_ms: float, request: LatencyRequest) -> float:
@@ -285,11 +287,6 @@ def _measured_relation(tried: list[_Candidate], model: LatencyModel, aim: float)
     return to_fraction, to_predicted
 
 
-def _same_plan(a: Plan, b: Plan) -> bool:
-    return a.dropped_blocks == b.dropped_blocks and {g: len(v) for g, v in a.removed.items() if len(v)} == {
-        g: len(v) for g, v in b.removed.items() if len(v)}
-
-
 def _choose(tried: list[_Candidate], budget: float, full_ms: float, request: LatencyRequest
             ) -> tuple[_Candidate, str | None]:
     """(candidate, note): the measured candidate to keep, and a report note when it is not inside the window.
@@ -337,13 +334,13 @@ def _loop_report(tried: list[_Candidate], chosen: _Candidate, full_ms: float) ->
              "seconds": round(t.seconds, 2), "chosen": t is chosen} for t in tried]
 
 
-def check_batch(analysis, batch: int) -> None:
+def check_batch(analysis: Analysis, batch: int) -> None:
     """CompressorError (one line, before any profiling) when an input has a fixed batch size other than `batch`.
 
     The model is not adapted: a fixed batch axis usually comes with batch-sized constants elsewhere in the graph
     (Reshape targets, Expand shapes), and a latency measured on a rewritten copy would not be the one deployed.
     """
-    from compressor.bench import graph_inputs
+    from compressor.runtime.inputs import graph_inputs
 
     for inp in graph_inputs(analysis.proto):
         dims = inp.type.tensor_type.shape.dim
@@ -366,28 +363,27 @@ def _macs_ratio(extra: dict) -> float | None:
     return value
 
 
-def item_macs(analysis, item, candidates: list) -> np.ndarray:
+def item_macs(analysis: Analysis, item, candidates: list) -> np.ndarray:
     """MACs of an item at every combination of candidate widths of its dims: each MAC term scales with the kept
     fraction of its input and of its output units (the engine's own cost model, Analysis.cost)."""
     shape = [len(c) for c in candidates]
     total = np.zeros(shape)
     names = set(item.nodes)
+
+    def kept(units: np.ndarray) -> np.ndarray:
+        """Kept units at every width combination: fixed units, plus each dim's share at its candidate width."""
+        owners = np.array([analysis.unit_group.get(int(u), -1) for u in units])
+        count_kept = np.full(shape, float(np.isin(owners, item.dims, invert=True).sum()))
+        for axis, (g, widths) in enumerate(zip(item.dims, candidates)):
+            count = int((owners == g).sum())
+            if count:
+                along = np.asarray(widths, dtype=np.float64) * count / analysis.groups[g].size
+                count_kept = count_kept + along.reshape([-1 if a == axis else 1 for a in range(len(shape))])
+        return count_kept
+
     for term in analysis.mac_terms:
-        if term.node not in names or not term.macs:
-            continue
-        value = np.full(shape, float(term.macs))
-        for units in (term.in_units, term.out_units):
-            if units is None or not len(units):
-                continue
-            owners = np.array([analysis.unit_group.get(int(u), -1) for u in units])
-            fraction = np.full(shape, float(np.isin(owners, item.dims, invert=True).sum()))
-            for axis, (g, widths) in enumerate(zip(item.dims, candidates)):
-                count = int((owners == g).sum())
-                if count:
-                    along = np.asarray(widths, dtype=np.float64) * count / analysis.groups[g].size
-                    fraction = fraction + along.reshape([-1 if a == axis else 1 for a in range(len(shape))])
-            value = value * fraction / len(units)
-        total += value
+        if term.node in names and term.macs:
+            total += term.scaled(kept)
     return total
 
 
@@ -403,11 +399,11 @@ def _block_value_factor(extra: dict) -> float:
 
 
 def _floor(group, min_channels: int) -> int:
-    """The narrowest width a group may keep: R_MAX, --min-channels and its blocked units."""
-    return max(kept_count(group.size, R_MAX, min_channels, 1), int((~group.prunable).sum()), 1)
+    """The narrowest width a group may keep: MAX_RATE, --min-channels and its blocked units."""
+    return max(kept_count(group.size, MAX_RATE, min_channels, 1), int((~group.prunable).sum()), 1)
 
 
-def _group_choices(analysis, floors: dict[int, int], scores: dict[int, np.ndarray], alignment: int,
+def _group_choices(analysis: Analysis, floors: dict[int, int], scores: dict[int, np.ndarray], alignment: int,
                    measured: MeasuredImportance | None = None) -> dict[int, GroupChoice]:
     """Candidate widths per group (multiples of the alignment from the floor up, and the full width) and values."""
     choices = {}
@@ -419,7 +415,7 @@ def _group_choices(analysis, floors: dict[int, int], scores: dict[int, np.ndarra
     return choices
 
 
-def _internal_groups(analysis, block: int, model: LatencyModel, variable: set[int]) -> tuple[int, ...]:
+def _internal_groups(analysis: Analysis, block: int, model: LatencyModel, variable: set[int]) -> tuple[int, ...]:
     """Variable groups produced inside the block's branch and read by no item outside it."""
     nodes = set(analysis.blocks[block].nodes)
     internal = []

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from compressor.errors import CompressorError
 
 LATENCY_TARGET = "latency"
+LATENCY_PRECISIONS = ("fp32", "fp16")
 
 
 @dataclass(frozen=True)
@@ -18,7 +19,9 @@ class ProfileSettings:
     The number of timed runs adapts to the layer: enough to fill about `seconds_per_point` of timing, between
     `min_runs` and `max_runs`. `max_level` bounds the table refinement (see grid.py). The whole network
     is timed for about `calibration_seconds` (`calibration_runs` to 10x as many runs). The closed loop of the
-    planner measures up to `loop_iterations` candidate networks against the original (`check_warmup`/`check_runs`).
+    planner measures up to `loop_iterations` candidate networks against the original (`check_warmup`/`check_runs`),
+    then, with `aligned_baseline`, the method's MAC-targeted plan at the probed alignment and the same MACs
+    (baseline.py), kept instead when it is the better of the two.
     """
 
     warmup: int = 3
@@ -32,13 +35,14 @@ class ProfileSettings:
     table_share: float = 0.75  # with the loop on, the share of --profile-budget the table may use
     check_warmup: int | None = None  # each side-by-side measurement (None: 50 on GPUs, 3 on CPUs) ...
     check_runs: int | None = None  # ... (None: 300 on GPUs in 10 rounds, 20 on CPUs in 5; check.py)
+    aligned_baseline: bool = True  # the closed loop also measures the aligned MAC baseline and keeps it when better
 
 
 @dataclass(frozen=True)
 class LatencyRequest:
     """A validated `--target latency` request.
 
-    target: a compressor.bench.Target (cuda:N or cpu:T); batch: the deployed batch size; ratio: fraction of the
+    target: a compressor.runtime.targets.Target (cuda:N or cpu:T); batch: the deployed batch size; ratio: fraction of the
     measured latency to remove, or latency_ms: an absolute budget (which wins when both are given);
     profile_budget_s: a bound on profiling time (None: no bound) — the network, its skeleton and every layer at
     full width are always timed, the alignment probe and the width sweeps only while the budget lasts (layers left
@@ -53,6 +57,7 @@ class LatencyRequest:
     profile_budget_s: float | None = None
     cache_dir: str | os.PathLike | None = None
     settings: ProfileSettings = field(default_factory=ProfileSettings)
+    precision: str = "fp32"  # fp16: tables, network and candidates are timed as converted fp16 models
 
     @property
     def copies(self) -> int:
@@ -63,7 +68,7 @@ class LatencyRequest:
     def to_dict(self) -> dict:
         """JSON-ready form for reports."""
         return {"device": self.target.label, "batch": self.batch, "ratio": None if self.latency_ms else self.ratio,
-                "latency_ms": self.latency_ms, "profile_budget_s": self.profile_budget_s}
+                "latency_ms": self.latency_ms, "profile_budget_s": self.profile_budget_s, "precision": self.precision}
 
 
 def resolve_request(target: str, ratio: float | None, device: str | None, batch: int | None, latency_ms: float | None,
@@ -71,9 +76,9 @@ def resolve_request(target: str, ratio: float | None, device: str | None, batch:
                     ) -> LatencyRequest | None:
     """The LatencyRequest for target 'latency' (None for other targets); CompressorError for bad or misplaced
     options. device defaults to cuda when this onnxruntime has it, else cpu:1; batch defaults to 1."""
-    from compressor.bench import check_provider_available, default_targets, parse_target
+    from compressor.runtime.targets import check_provider_available, default_targets, parse_target
 
-    from compressor.plan import TARGETS
+    from compressor.engine.plan import TARGETS
 
     if target not in (*TARGETS, LATENCY_TARGET):
         raise CompressorError(f"--target must be one of {', '.join((*TARGETS, LATENCY_TARGET))}, got '{target}'")
@@ -100,3 +105,14 @@ def resolve_request(target: str, ratio: float | None, device: str | None, batch:
     return LatencyRequest(parsed, batch, ratio, None if latency_ms is None else float(latency_ms),
                           None if profile_budget is None else float(profile_budget), cache_dir,
                           settings or ProfileSettings())
+
+
+def in_precision(request: LatencyRequest | None, precision: str) -> LatencyRequest | None:
+    """The request for a model deployed in `precision` (fp32 or fp16: its latency tables, network and candidates
+    are timed in it); CompressorError for int8, whose tables are not built."""
+    if request is None or request.precision == precision:
+        return request
+    if precision not in LATENCY_PRECISIONS:
+        raise CompressorError(f"--target latency measures fp32 or fp16 models, not {precision} (int8 latency tables "
+                              "are not built yet: use --target macs with --precision int8)")
+    return replace(request, precision=precision)

@@ -6,7 +6,7 @@ Model. The latency of the network under a plan is predicted as
 
 where an item (micro.py) is one layer with its fused followers or one residual join, and is alive unless a block
 containing it is dropped. T_item is measured in isolation as a micro-model, with the same ONNX Runtime session
-options as `compress bench` (compressor.bench.SessionRunner), at several kept widths, minus the cost of an empty
+options as `compress bench` (compressor.runtime.sessions.SessionRunner), at several kept widths, minus the cost of an empty
 session run, and interpolated in between (grid.py).
 
 Calibration. Isolated layers do not add up exactly to the network (kernel launches overlap on GPUs, fused and
@@ -34,16 +34,20 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, TYPE_CHECKING
 
 import numpy as np
 import onnx
 
 from compressor.errors import CompressorError
+from compressor.deploy.fp16 import to_fp16
 from compressor.latency.cache import LatencyCache, context_of
 from compressor.latency.grid import GRID_LEVEL, MAX_GRID_DIMS, ItemTable, fit_fixed_share, level_points, level_widths
 from compressor.latency.micro import CostItem, find_items, micro_model, removed_units, structure_key
 from compressor.latency.request import LatencyRequest, ProfileSettings
+
+if TYPE_CHECKING:
+    from compressor.engine.analysis import Analysis
 
 ALIGNMENTS = (8, 16, 32)
 PROBE_SPAN = 64
@@ -57,9 +61,10 @@ Progress = Callable[[str], None]
 # ------------------------------------------------------------------------------------------------------ measuring
 def measure_ms(model: onnx.ModelProto, target, batch: int, settings: ProfileSettings, calibration: bool = False,
                input_shapes: dict | None = None) -> float:
-    """Median latency (ms) of `model` on `target` through compressor.bench.SessionRunner (the session options of
+    """Median latency (ms) of `model` on `target` through compressor.runtime.sessions.SessionRunner (the session options of
     `compress bench`): a warm-up, then as many timed runs as fill the settings' time per point, within limits."""
-    from compressor.bench import SessionRunner, input_specs
+    from compressor.runtime.inputs import input_specs
+    from compressor.runtime.sessions import SessionRunner
 
     runner = SessionRunner(model.SerializeToString(), target, input_specs(model, batch, input_shapes))
     first = runner.time_runs(max(settings.warmup, 1))
@@ -77,10 +82,12 @@ def overhead_model() -> onnx.ModelProto:
     micro-model's. The batch axis is dynamic, so it runs at the request's batch like everything else."""
     from onnx import TensorProto, helper
 
+    from compressor.runtime.sessions import built_model
+
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "overhead",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1])])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return built_model(graph)
 
 
 # ------------------------------------------------------------------------------------------------------ the model
@@ -112,7 +119,7 @@ class LatencyModel:
 class Profiler:
     """Times micro-models through the cache, keeps the time spent and the profile budget."""
 
-    def __init__(self, analysis, request: LatencyRequest, cache: LatencyCache, progress: Progress | None = None):
+    def __init__(self, analysis: Analysis, request: LatencyRequest, cache: LatencyCache, progress: Progress | None = None):
         self.analysis = analysis
         self.request = request
         self.cache = cache
@@ -149,6 +156,10 @@ class Profiler:
         if cached is not None:
             return cached
         start = time.perf_counter()
+        if self.request.precision == "fp16":
+            # whole networks (calibration) keep fp32 inputs and outputs as deployed; a micro-model is fp16 throughout,
+            # as the layer is inside an fp16 network (no Cast around it)
+            model = to_fp16(model, keep_io_types=calibration)
         ms = measure_ms(model, self.request.target, self.request.batch, self.request.settings, calibration, input_shapes)
         self.measured += 1
         if not calibration:  # the per-measurement estimate of the budget check is about micro-models
@@ -187,14 +198,14 @@ class Profiler:
         return max(raw - self.overhead_ms(), 0.0) / copies
 
 
-def build_latency_model(analysis, floors: dict[int, int], droppable_blocks: set[int], request: LatencyRequest,
+def build_latency_model(analysis: Analysis, floors: dict[int, int], droppable_blocks: set[int], request: LatencyRequest,
                         round_to: int = 1, progress: Progress | None = None) -> LatencyModel:
     """Measure (or read from the cache) everything the latency model needs and calibrate it on the network.
 
     floors: the variable groups (whose widths the allocation may change), each with its narrowest allowed width.
     """
     variable_groups = set(floors)
-    cache = LatencyCache(context_of(request.target, request.batch), request.cache_dir)
+    cache = LatencyCache(context_of(request.target, request.batch, request.precision), request.cache_dir)
     profiler = Profiler(analysis, request, cache, progress)
     try:
         full_ms, skeleton_ms = _measure_network(profiler, droppable_blocks)
@@ -233,8 +244,8 @@ def build_latency_model(analysis, floors: dict[int, int], droppable_blocks: set[
 
 def _measure_network(profiler: Profiler, droppable: set[int]) -> tuple[float, float | None]:
     """Measured latency of the whole network and of its skeleton (every droppable block removed)."""
-    from compressor.plan import Plan
-    from compressor.surgery import apply_plan
+    from compressor.engine.plan import Plan
+    from compressor.engine.surgery import apply_plan
 
     analysis = profiler.analysis
     shapes = analysis.input_shapes
@@ -260,8 +271,8 @@ def choose_alignment(profiler: Profiler, sizes: dict[int, int]) -> tuple[int, di
     multiple of 16 interrupts: reorders around the layer, and slower kernels), and the same offset applied to all
     groups keeps the MACs on the line.
     """
-    from compressor.plan import Plan
-    from compressor.surgery import apply_plan
+    from compressor.engine.plan import Plan
+    from compressor.engine.surgery import apply_plan
 
     wide = {g: int(np.clip(round(size / 2 / PROBE_SPAN) * PROBE_SPAN, 2 * PROBE_SPAN, size // PROBE_SPAN * PROBE_SPAN))
             for g, size in sizes.items() if size >= 2 * PROBE_SPAN}

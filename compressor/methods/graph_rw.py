@@ -5,18 +5,26 @@ them (ridge leave-one-out regression of each filter on all others). A PageRank-s
 scores the filters: rarely visited ones are pruned first. The spikes of the symmetrized edge matrix above the
 semicircle bulk edge score the layers (LIS); layers with more structure keep more of their filters.
 
+The regression edges scale as α_ij ~ ||w_i|| / ||w_j||, so the walk drifts toward small-norm filters; the
+scale-invariant variant (`rw_normalize=true`) scales every filter to unit norm before the regression, so only the
+filters' directions (their linear dependencies) decide.
+
 All math below is pure, vectorized float64 numpy on one group's filter matrix W [n filters, d weights].
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from compressor.errors import CompressorError
-from compressor.methods import register
-from compressor.plan import Plan, PlanOptions, allocate, allocate_global, prunable_groups
+from compressor.methods.registry import register
+from compressor.engine.plan import MAX_RATE, Plan, PlanOptions, allocate, allocate_global, prunable_groups
+
+if TYPE_CHECKING:
+    from compressor.engine.analysis import Analysis
 
 DENSE_SOLVE_MAX_N = 128
 INVERSE_LEAF_N = 256
@@ -169,11 +177,6 @@ def layer_weights_from_lis(lis: dict[int, float]) -> dict[int, float]:
     return {g: 1.0 - value / top for g, value in lis.items()}
 
 
-def layer_rates(weights: dict[int, float], strength: float, r_min: float = 0.0, r_max: float = 0.9) -> dict[int, float]:
-    """Per-layer pruning rates r_g = clip(s · w_g, r_min, r_max) for strength s."""
-    return {g: float(np.clip(strength * w, r_min, r_max)) for g, w in weights.items()}
-
-
 def filter_scores(
     filters: np.ndarray,
     edges: str = "regression",
@@ -181,8 +184,12 @@ def filter_scores(
     rho_scale: float = 1e-3,
     tol: float = 1e-10,
     lis_mode: str = "sum",
+    normalize: bool = False,
 ) -> tuple[np.ndarray, float]:
-    """One group's filter importance π [n] (sums to 1; low = prune first) and its LIS."""
+    """One group's filter importance π [n] (sums to 1; low = prune first) and its LIS; `normalize` scales every
+    filter to unit norm first (the scale-invariant variant: zero filters stay zero)."""
+    if normalize:
+        filters = unit_rows(filters)
     if edges == "regression":
         alpha = ridge_regression_edges(filters, rho_scale)
     elif edges == "pairwise":
@@ -191,6 +198,13 @@ def filter_scores(
         raise CompressorError(f"unknown edge kind '{edges}' (regression or pairwise)")
     adjacency = edge_weights(alpha)
     return stationary_distribution(adjacency, damping, tol), layer_importance(adjacency, lis_mode)
+
+
+def unit_rows(filters: np.ndarray) -> np.ndarray:
+    """Each filter (row) divided by its L2 norm; all-zero rows stay zero."""
+    w = _as_filter_matrix(filters)
+    norms = np.linalg.norm(w, axis=1, keepdims=True)
+    return np.divide(w, norms, out=np.zeros_like(w), where=norms > 0)
 
 
 def _as_filter_matrix(filters: np.ndarray) -> np.ndarray:
@@ -246,8 +260,9 @@ class GraphRwOptions:
     lis: str = "sum"  # [lis] sum | max
     layer_rates: str = "rmt"  # [layer_rates] rmt | uniform | global
     r_min: float = 0.0  # [rw_r_min]
-    r_max: float = 0.9  # [rw_r_max]
+    r_max: float = MAX_RATE  # [rw_r_max]
     tol: float = 1e-10  # [rw_tol] power-iteration tolerance on ||Δπ||₁
+    normalize: bool = False  # [rw_normalize] unit-norm filters before the regression (scale-invariant)
 
 
 _OPTION_FIELDS = {
@@ -259,7 +274,9 @@ _OPTION_FIELDS = {
     "rw_r_min": "r_min",
     "rw_r_max": "r_max",
     "rw_tol": "tol",
+    "rw_normalize": "normalize",
 }
+_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 def parse_graph_rw_options(extra: dict | None) -> GraphRwOptions:
@@ -283,6 +300,11 @@ def parse_graph_rw_options(extra: dict | None) -> GraphRwOptions:
             if text not in choices[name]:
                 raise CompressorError(f"{key} must be one of {', '.join(choices[name])}, got '{value}'")
             parsed[name] = text
+        elif name == "normalize":
+            text = str(value).strip().lower()
+            if text not in _BOOLEANS:
+                raise CompressorError(f"{key} must be true or false, got '{value}'")
+            parsed[name] = _BOOLEANS[text]
         else:
             parsed[name] = _as_float(key, value)
     opts = GraphRwOptions(**parsed)
@@ -307,18 +329,26 @@ def _as_float(key: str, value: object) -> float:
     return number
 
 
-def score_groups(analysis, groups: list[int], opts: GraphRwOptions) -> tuple[dict[int, np.ndarray], dict[int, float]]:
+def score_groups(analysis: Analysis, groups: list[int], opts: GraphRwOptions) -> tuple[dict[int, np.ndarray], dict[int, float]]:
     """π (per unit) and LIS of each listed group, from analysis.group_filters."""
     scores, lis = {}, {}
     for g in groups:
         scores[g], lis[g] = filter_scores(
-            analysis.group_filters(g), opts.edges, opts.damping, opts.rho, opts.tol, opts.lis
+            analysis.group_filters(g), opts.edges, opts.damping, opts.rho, opts.tol, opts.lis, opts.normalize
         )
     return scores, lis
 
 
-@register("graph-rw")
-def plan_graph_rw(analysis, options: PlanOptions) -> Plan:
+def scores_graph_rw(analysis: Analysis, options: PlanOptions) -> dict[int, np.ndarray]:
+    """Random-walk filter scores π of every prunable group (the importance graph-rw prunes by)."""
+    scores, _ = score_groups(analysis, prunable_groups(analysis, options), parse_graph_rw_options(options.extra))
+    return scores
+
+
+@register("graph-rw", options=tuple(_OPTION_FIELDS), scores=scores_graph_rw,
+          scores_note="graph-rw: random-walk filter scores from score_groups; its layer rates are replaced by the "
+                      "latency allocation")
+def plan_graph_rw(analysis: Analysis, options: PlanOptions) -> Plan:
     """Random-walk filter scores; per-layer rates from the random-matrix LIS (or uniform, or a global ranking).
 
     plan.group_info[g] = {"lis", "rate" (removed fraction of the group), "pruned" (local unit indices)}.

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from compressor.methods import register, register_scores
-from compressor.plan import Plan, PlanOptions, allocate, prunable_groups
+from compressor.engine.plan import Plan, PlanOptions, allocate
+from compressor.methods.registry import register
+
+if TYPE_CHECKING:
+    from compressor.engine.analysis import Analysis
 
 
-def group_norm_scores(analysis, order: int) -> dict[int, np.ndarray]:
+def group_norm_scores(analysis: Analysis, order: int) -> dict[int, np.ndarray]:
     """Per group: for each unit, Σ over its coupled weight slices (producers' filters and consumers' input
     slices) of the slice's L1 norm (order 1) or L2 norm (order 2)."""
     scores = {}
@@ -26,28 +31,24 @@ def group_norm_scores(analysis, order: int) -> dict[int, np.ndarray]:
     return scores
 
 
-@register_scores("l1")
-def scores_l1(analysis, options: PlanOptions) -> dict[int, np.ndarray]:
+def scores_l1(analysis: Analysis, options: PlanOptions) -> dict[int, np.ndarray]:
     """L1 group norms (the importance `l1` prunes by)."""
     return group_norm_scores(analysis, 1)
 
 
-@register_scores("l2")
-def scores_l2(analysis, options: PlanOptions) -> dict[int, np.ndarray]:
+def scores_l2(analysis: Analysis, options: PlanOptions) -> dict[int, np.ndarray]:
     """L2 group norms (the importance `l2` prunes by)."""
     return group_norm_scores(analysis, 2)
 
 
-@register("l1")
-def plan_l1(analysis, options: PlanOptions) -> Plan:
+@register("l1", scores=scores_l1)
+def plan_l1(analysis: Analysis, options: PlanOptions) -> Plan:
     """Uniform per-group rate, lowest L1 group norms removed first."""
     return allocate(analysis, group_norm_scores(analysis, 1), options)
 
 
-@register("l2")
-def plan_l2(analysis, options: PlanOptions) -> Plan:
+@register("l2", scores=scores_l2)
+def plan_l2(analysis: Analysis, options: PlanOptions) -> Plan:
     """Uniform per-group rate, lowest L2 group norms removed first."""
     return allocate(analysis, group_norm_scores(analysis, 2), options)
 
-
-__all__ = ["group_norm_scores", "prunable_groups"]

@@ -7,13 +7,18 @@ zero. The result computes the same function as the original.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from compressor.methods import register
-from compressor.plan import Plan, PlanOptions, ensure_nonempty_tensors
+from compressor.engine.plan import Plan, PlanOptions, ensure_nonempty_tensors
+from compressor.methods.registry import register
+
+if TYPE_CHECKING:
+    from compressor.engine.analysis import Analysis
 
 
-def zero_units(analysis) -> np.ndarray:
+def zero_units(analysis: Analysis) -> np.ndarray:
     """Boolean array over unit ids: units whose every mixing-consumer input position is exactly zero."""
     n = len(analysis.unit_roots)
     read = np.zeros(n, dtype=bool)
@@ -31,8 +36,8 @@ def zero_units(analysis) -> np.ndarray:
     return read & ~nonzero
 
 
-@register("zeros")
-def plan_zeros(analysis, options: PlanOptions) -> Plan:
+@register("zeros", needs_ratio=False, exact=True)
+def plan_zeros(analysis: Analysis, options: PlanOptions) -> Plan:
     """Plan the removal of every exactly-zero unit and branch (ratio is ignored)."""
     zero = zero_units(analysis)
     excluded = analysis.excluded_groups(options.exclude)

@@ -197,7 +197,7 @@ def reestimate_batchnorm(model: nn.Module, data: CifarData, batches: int, batch_
     return used
 
 
-def _boundary(run: Callable[[float], dict], grid: list[float], good: Callable[[dict], bool], want: str, refine: int,
+def find_boundary(run: Callable[[float], dict], grid: list[float], good: Callable[[dict], bool], want: str, refine: int,
               extend: int = EXTEND_STEPS, target: tuple[str, float] | None = None) -> tuple[float | None, float]:
     """(the smallest (want='smallest') or largest good lambda or None, the largest lambda tried).
 
@@ -259,7 +259,7 @@ def run_amsc(model: nn.Module, data: CifarData, options: AmscOptions, config: Tr
         chosen = (float(options.lambda_depth or 0.0), float(options.lambda_width or 0.0))
         trials.run(*chosen, stage="fixed")
     else:
-        chosen = _search(trials, structure, options, lr_sum, notes)
+        chosen = search_lambdas(trials, structure, options, lr_sum, notes)
     model.load_state_dict(trials.states[chosen])
     counts = structure.counts()
     outcome = AmscOutcome(chosen[0], chosen[1], list(trials.records.values()), trials.records[chosen], counts,
@@ -267,7 +267,9 @@ def run_amsc(model: nn.Module, data: CifarData, options: AmscOptions, config: Tr
     return outcome
 
 
-def _search(trials: _Trials, structure: AmscStructure, options: AmscOptions, lr_sum: float, notes: list[str]):
+def search_lambdas(trials: _Trials, structure: AmscStructure, options: AmscOptions, lr_sum: float, notes: list[str]):
+    """Depth first, then width: the lambdas whose trials meet the ratio within max_drop (see the module docstring);
+    returns the chosen trial's key, with what was decided in `notes`."""
     ratio = options.ratio
     use_depth = bool(structure.depth) and options.dims != "width-only"
     use_width = bool(structure.width) and options.dims != "depth-only"
@@ -292,7 +294,7 @@ def _search(trials: _Trials, structure: AmscStructure, options: AmscOptions, lr_
             good, want = (lambda r: within_drop(r) and r["macs_removed"] <= cap + 1e-9), "largest"
         else:
             good, want = within_drop, "largest"
-        found, largest = _boundary(lambda lam: trials.run(lam, 0.0, "depth"), grid, good, want, options.refine,
+        found, largest = find_boundary(lambda lam: trials.run(lam, 0.0, "depth"), grid, good, want, options.refine,
                                    target=("macs_removed", ratio) if good is reaches else None)
         lambda_depth = _fallback(found, largest, want, "depth", notes)
         if want == "largest" and lambda_depth > 0:
@@ -304,7 +306,7 @@ def _search(trials: _Trials, structure: AmscStructure, options: AmscOptions, lr_
     elif use_width:
         grid = list(options.width_grid or auto_grid(kill_lambdas(structure, "width", lr_sum), options.grid_points))
         good, want = (reaches, "smallest") if ratio is not None else (within_drop, "largest")
-        found, largest = _boundary(lambda lam: trials.run(lambda_depth, lam, "width"), grid, good, want,
+        found, largest = find_boundary(lambda lam: trials.run(lambda_depth, lam, "width"), grid, good, want,
                                    options.refine, target=("macs_removed", ratio) if good is reaches else None)
         lambda_width = _fallback(found, largest, want, "width", notes)
     key = (float(lambda_depth), float(lambda_width))

@@ -9,8 +9,6 @@ seeded by (seed, epoch), so every DDP rank sees the same global batches and take
 from __future__ import annotations
 
 import functools
-import io
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -19,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from compressor.datasets import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, load_cifar10
+from compressor.datasets import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, balanced_subset, cifar10_members, load_cifar10
 from compressor.errors import CompressorError
 
 DEFAULT_VAL_SIZE = 5000
@@ -37,6 +35,9 @@ class CifarData:
     test_images: torch.Tensor
     test_labels: torch.Tensor
     decoder: str = "pillow"
+    mean: tuple[float, ...] = tuple(float(v) for v in CIFAR10_MEAN)
+    std: tuple[float, ...] = tuple(float(v) for v in CIFAR10_STD)
+    classes: tuple[str, ...] = CIFAR10_CLASSES
 
     @property
     def device(self) -> torch.device:
@@ -44,9 +45,9 @@ class CifarData:
         return self.train_images.device
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 NCHW images -> float32 NCHW normalized with mean/std of the checkpoints (on the images' device)."""
-        mean = torch.as_tensor(CIFAR10_MEAN, device=images.device).view(1, 3, 1, 1)
-        std = torch.as_tensor(CIFAR10_STD, device=images.device).view(1, 3, 1, 1)
+        """uint8 NCHW images -> float32 NCHW normalized with this data's mean/std (on the images' device)."""
+        mean = torch.as_tensor(self.mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+        std = torch.as_tensor(self.std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
         return (images.float() / 255.0 - mean) / std
 
     def sizes(self) -> dict[str, int]:
@@ -114,27 +115,12 @@ def _decode_with_torchvision(data_dir: str, split: str, limit: int | None) -> tu
         from torchvision.io import ImageReadMode, decode_jpeg
     except Exception as exc:  # noqa: BLE001 - a torchvision built for another torch fails in many ways
         raise CompressorError(f"neither Pillow nor torchvision can decode JPEG here ({type(exc).__name__}: {exc})") from exc
-    path = Path(data_dir) / f"cifar10-{split}.tar.xz"
-    if not path.is_file():
-        raise CompressorError(f"CIFAR-10 tarball not found: {path}")
-    class_index = {name: i for i, name in enumerate(CIFAR10_CLASSES)}
-    entries = []
-    with tarfile.open(path, "r:xz") as tar:
-        for member in tar:
-            parts = Path(member.name).parts
-            if member.isfile() and member.name.endswith(".jpg") and len(parts) >= 2 and parts[-2] in class_index:
-                entries.append((member.name, class_index[parts[-2]], tar.extractfile(member).read()))
-    if not entries:
-        raise CompressorError(f"no CIFAR-10 images found in {path}")
-    entries.sort(key=lambda entry: entry[0])
+    entries = cifar10_members(data_dir, split)
     encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for _, _, data in entries]
     decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB)
     x = torch.stack(decoded).permute(0, 2, 3, 1).contiguous().numpy()
     y = np.array([label for _, label, _ in entries], dtype=np.int64)
-    if limit is not None and limit < len(y):
-        keep = np.sort(np.random.default_rng(0).permutation(len(y))[:limit])
-        x, y = x[keep], y[keep]
-    return x, y
+    return balanced_subset(x, y, limit)
 
 
 def load_cifar10_data(data_dir: str | Path, device: torch.device | str = "cpu", *, val_size: int = DEFAULT_VAL_SIZE,

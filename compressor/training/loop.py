@@ -3,7 +3,8 @@ and hooks through which a method shapes training.
 
 A method plugs in with a TrainHooks object: `make_optimizer` replaces SGD (GSM), `penalty` adds a term to the loss,
 `after_step` acts on the weights after every optimizer step (AMSC's proximal step, re-applying a pruning mask),
-`after_training` runs once at the end (GSM's finalize). Hooks always see the plain model, never the DDP wrapper.
+`after_training` runs once at the end (GSM's finalize), `loss` replaces the cross-entropy (distillation). Hooks
+always see the plain model, never the DDP wrapper.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from compressor.training.distributed import DistContext
 
 SCHEDULES = ("cosine", "onecycle", "constant")
 LogFn = Callable[[str], None]
+ProgressFn = Callable[[int, int, str], None]  # (done, total, what): e.g. compressor.bench_report.progress_bar
 
 
 @dataclass
@@ -59,6 +61,10 @@ class TrainHooks:
 
     def make_optimizer(self, model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer | None:
         """An optimizer to use instead of SGD (its param groups' 'lr' follow the schedule), or None."""
+        return None
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor | None:
+        """A loss to use instead of the cross-entropy of the logits (e.g. distillation), or None."""
         return None
 
     def penalty(self, model: nn.Module) -> torch.Tensor | None:
@@ -137,10 +143,11 @@ def evaluate(model: nn.Module, data: CifarData, split: str = "val", batch_size: 
 
 
 def train(model: nn.Module, data: CifarData, config: TrainConfig, hooks: Sequence[TrainHooks] = (),
-          ctx: DistContext | None = None, log: LogFn | None = None) -> TrainResult:
+          ctx: DistContext | None = None, log: LogFn | None = None, progress: ProgressFn | None = None) -> TrainResult:
     """Train `model` (already on data.device) for config.epochs; validation top-1 after every `eval_every` epochs.
 
     Under a multi-process DistContext the model trains wrapped in DistributedDataParallel; `model` itself is updated.
+    `progress` (rank 0) is called after every step with (steps done, total steps, a status line).
     """
     ctx = ctx or DistContext(device=data.device)
     say = log if (log and ctx.is_main) else (lambda _text: None)
@@ -164,8 +171,9 @@ def train(model: nn.Module, data: CifarData, config: TrainConfig, hooks: Sequenc
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with _autocast(data.device, config.bf16):
-                logits = net(x.contiguous(memory_format=memory_format))
-                loss = F.cross_entropy(logits.float(), y)
+                x = x.contiguous(memory_format=memory_format)
+                logits = net(x)
+                loss = _task_loss(hooks, x, y, logits)
             total = loss
             for hook in hooks:
                 extra = hook.penalty(model)
@@ -181,6 +189,8 @@ def train(model: nn.Module, data: CifarData, config: TrainConfig, hooks: Sequenc
                 sums[1] += (logits.argmax(1) == y).sum()
                 sums[2] += len(y)
             step += 1
+            if progress and ctx.is_main:
+                progress(step, total_steps, f"epoch {epoch + 1}/{config.epochs}")
         ctx.all_reduce_sum(sums)
         record = {"epoch": epoch + 1, "lr": learning_rate(config, step / total_steps),
                   "train_loss": float(sums[0] / sums[2].clamp(min=1)), "train_top1": 100.0 * float(sums[1] / sums[2].clamp(min=1)),
@@ -195,6 +205,14 @@ def train(model: nn.Module, data: CifarData, config: TrainConfig, hooks: Sequenc
         extra.update(hook.after_training(model, optimizer) or {})
     model.to(memory_format=torch.contiguous_format)
     return TrainResult(history, val_top1, time.perf_counter() - started, step, extra)
+
+
+def _task_loss(hooks: Sequence[TrainHooks], images: torch.Tensor, labels: torch.Tensor,
+               logits: torch.Tensor) -> torch.Tensor:
+    replacements = [loss for loss in (h.loss(images, labels, logits) for h in hooks) if loss is not None]
+    if len(replacements) > 1:
+        raise CompressorError("two training hooks both replace the loss")
+    return replacements[0] if replacements else F.cross_entropy(logits.float(), labels)
 
 
 def _wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:

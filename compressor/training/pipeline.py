@@ -5,10 +5,13 @@ Recipes (the sparse phase, then the fine-tune of `config.epochs` with the zero s
 - none: train or fine-tune `config.epochs`;            - prune METHOD: plan on the export, mask, fine-tune;
 - amsc: sparse phase with lambda search (amsc_search), fine-tune;
 - gsm: `gsm_epochs` of GSM SGD (compressor.training.gsm), finalize to exact zeros, fine-tune.
+With `distill` (a checkpoint), the fine-tune of every recipe learns from that teacher (compressor.training.distill)
+instead of from the labels alone.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import dataclass, field, replace
@@ -21,6 +24,7 @@ from compressor.errors import CompressorError
 from compressor.training.amsc import amsc_structure
 from compressor.training.amsc_search import AmscOptions, run_amsc
 from compressor.training.data import DEFAULT_VAL_SIZE, CifarData, load_cifar10_data
+from compressor.training.distill import DEFAULT_ALPHA, DEFAULT_TEMPERATURE, DistillHooks
 from compressor.training.distributed import DistContext, init_distributed, shutdown_distributed
 from compressor.training.export import export_and_slim, removed_macs_fraction
 from compressor.training.loop import LogFn, TrainConfig, TrainHooks, evaluate, train
@@ -58,6 +62,12 @@ class TrainJob:
     command: str = ""
     masks: ParameterMasks | None = None  # precomputed masks (e.g. masks_from_result) instead of --prune planning
     plan_report: dict | None = None  # what to report about them
+    prune_options: dict = field(default_factory=dict)  # compressor.compress keywords of the --prune plan (target...)
+    # the fine-tune distills (compressor.training.distill) from a teacher checkpoint (a path: `--distill TEACHER.pt`)
+    # or, with True, from the model as it starts
+    distill: str | bool | None = None
+    kd_temperature: float = DEFAULT_TEMPERATURE
+    kd_weight: float = DEFAULT_ALPHA
 
     def validate(self) -> None:
         """Raise CompressorError on inconsistent options."""
@@ -73,8 +83,12 @@ class TrainJob:
             raise CompressorError(f"unknown exporter '{self.exporter}' (auto, dynamo or torchscript)")
         if self.method == "amsc":
             replace(self.amsc, ratio=self.ratio if self.ratio is not None else self.amsc.ratio).validate()
-        if self.init and not Path(self.init).is_file():
-            raise CompressorError(f"checkpoint not found: {self.init}")
+        for checkpoint in (self.init, self.distill if isinstance(self.distill, str) else None):
+            if checkpoint and not Path(checkpoint).is_file():
+                raise CompressorError(f"checkpoint not found: {checkpoint}")
+        if self.kd_temperature <= 0 or not 0.0 <= self.kd_weight <= 1.0:
+            raise CompressorError(f"bad distillation settings: temperature {self.kd_temperature} (> 0), "
+                                  f"weight {self.kd_weight} (in [0, 1])")
 
 
 def out_prefix(out: str | Path) -> Path:
@@ -96,7 +110,8 @@ class GsmHooks(TrainHooks):
 
     def make_optimizer(self, model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
         """The GSM optimizer; structured groups are the AMSC width groups (inner convs with their BN)."""
-        from compressor.training.gsm import build_gsm_optimizer, filter_groups_for
+        from compressor.training.gsm import build_gsm_optimizer
+        from compressor.training.gsm_groups import filter_groups_for
 
         options = {"momentum": self.momentum, "decay": self.decay}
         if self.mode == "structured":
@@ -140,9 +155,15 @@ def run_job(job: TrainJob, data: CifarData | None = None, log: LogFn | None = pr
             metrics["init_val_top1"] = evaluate(model, data, "val", ctx=ctx)
             metrics["init_test_top1"] = evaluate(model, data, "test", ctx=ctx)
             say(f"init: val {metrics['init_val_top1']:.2f}%  test {metrics['init_test_top1']:.2f}%")
+        teacher = copy.deepcopy(model).eval() if job.distill is True else None
         masks, sparse_report = _sparse_phase(job, model, data, ctx, say)
         metrics.update(sparse_report)
         hooks: list[TrainHooks] = [MaskHooks(masks)] if masks is not None and len(masks) else []
+        if job.distill:
+            teacher = teacher if teacher is not None else load_teacher(job, ctx.device)
+            hooks.append(DistillHooks(teacher, job.kd_temperature, job.kd_weight))
+            metrics["distill"] = {"teacher": "the starting model" if job.distill is True else job.distill,
+                                  "temperature": job.kd_temperature, "weight": job.kd_weight}
         if masks is not None:
             masks.apply(model)
         result = train(model, data, job.config, hooks, ctx, say)
@@ -162,6 +183,13 @@ def run_job(job: TrainJob, data: CifarData | None = None, log: LogFn | None = pr
         shutdown_distributed(ctx)
 
 
+def load_teacher(job: TrainJob, device: torch.device) -> nn.Module:
+    """The frozen teacher of `--distill`: the job's architecture with the checkpoint's weights, in eval mode."""
+    teacher = build_model(job.model, job.num_classes)
+    load_checkpoint(teacher, job.distill)
+    return teacher.to(device).eval().requires_grad_(False)
+
+
 def _json_path(job: TrainJob) -> Path:
     prefix = out_prefix(job.out)
     return prefix.with_name(prefix.name + ".json")
@@ -174,7 +202,8 @@ def _sparse_phase(job: TrainJob, model: nn.Module, data: CifarData, ctx: DistCon
     if job.masks is not None:
         return job.masks, {"plan": dict(job.plan_report or {})}
     if job.prune:
-        planned = ctx.broadcast_object(plan_masks(model, job.prune, job.ratio, workdir=workdir) if ctx.is_main else None)
+        planned = ctx.broadcast_object(plan_masks(model, job.prune, job.ratio, workdir=workdir, **job.prune_options)
+                                       if ctx.is_main else None)
         masks, report = planned
         say(f"prune {job.prune}: plan removes {100 * report['macs_reduction']:.1f}% of MACs")
         return masks, {"plan": report}
@@ -198,7 +227,10 @@ def _sparse_phase(job: TrainJob, model: nn.Module, data: CifarData, ctx: DistCon
         else:
             masks = zero_masks(model, [n for n, p in model.named_parameters() if p.dim() > 1])
         report = {"gsm": hooks.summary, "gsm_seconds": round(result.seconds, 2),
-                  "gsm_val_top1": evaluate(model, data, "val", ctx=ctx)}
+                  "gsm_val_top1": evaluate(model, data, "val", ctx=ctx),
+                  "gsm_test_top1": evaluate(model, data, "test", ctx=ctx)}  # GSM's claim: no fine-tune needed
+        say(f"gsm: right after the GSM phase (exact zeros, no fine-tune) val {report['gsm_val_top1']:.2f}%  "
+            f"test {report['gsm_test_top1']:.2f}%")
         return masks, report
     return None, {}
 

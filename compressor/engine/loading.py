@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, first_line
 
 MIN_OPSET = 9
 FOLD_MAX_ELEMENTS = 4096  # fold run-time computations of constants up to this size (shape and pad arithmetic)
@@ -36,12 +36,10 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
         try:
             proto = onnx.load(str(path), load_external_data=True)
         except Exception as exc:  # noqa: BLE001 - protobuf raises several unrelated types on corrupt input
-            raise CompressorError(f"cannot read ONNX model {path}: {_short(exc)}") from exc
+            raise CompressorError(f"cannot read ONNX model {path}: {first_line(exc, 200)}") from exc
         if not proto.graph.node:
             raise CompressorError(f"{path} is not an ONNX model (no graph nodes)")
-    opset = default_opset(proto)
-    if opset is None:
-        raise CompressorError("model has no default-domain opset import")
+    opset = model_opset(proto)
     if opset < MIN_OPSET:
         raise CompressorError(f"opset {opset} is not supported (need {MIN_OPSET} or newer); convert it with onnx.version_converter")
     normalize(proto)
@@ -54,6 +52,14 @@ def default_opset(proto: onnx.ModelProto) -> int | None:
         if entry.domain in ("", "ai.onnx"):
             return entry.version
     return None
+
+
+def model_opset(proto: onnx.ModelProto) -> int:
+    """The default-domain opset of a model; a CompressorError when it has none."""
+    opset = default_opset(proto)
+    if opset is None:
+        raise CompressorError("model has no default-domain opset import")
+    return opset
 
 
 def normalize(proto: onnx.ModelProto) -> None:
@@ -150,11 +156,6 @@ def _trivial_constant(node: onnx.NodeProto, consts: dict[str, onnx.TensorProto])
     return None
 
 
-def _short(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
-
-
 def parse_input_shapes(specs: list[str] | None) -> dict[str, list[int]]:
     """Parse `name:1x3x224x224` (or bare `1x3x224x224` for a single-input model) into a dict; '' key for bare."""
     shapes: dict[str, list[int]] = {}
@@ -184,8 +185,38 @@ def resolve_input_shapes(proto: onnx.ModelProto, overrides: dict[str, list[int]]
     shapes = {}
     for inp in inputs:
         if inp.name in overrides:
-            shapes[inp.name] = list(overrides[inp.name])
+            shapes[inp.name] = check_input_shape(inp, overrides[inp.name])
             continue
         dims = inp.type.tensor_type.shape.dim
         shapes[inp.name] = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in dims]
     return shapes
+
+
+def check_input_shape(inp: onnx.ValueInfoProto, shape: list[int]) -> list[int]:
+    """`shape` if it fits the declared shape of graph input `inp` (same rank, same fixed dims), else CompressorError."""
+    tensor_type = inp.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        return list(shape)
+    declared = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor_type.shape.dim]
+    text = "x".join(str(d) for d in shape)
+    wanted = "x".join("?" if d is None else str(d) for d in declared)
+    if len(declared) != len(shape):
+        raise CompressorError(f"--input-shape {inp.name}:{text} has rank {len(shape)} but the model's input "
+                              f"'{inp.name}' has rank {len(declared)} ({wanted})")
+    for axis, (fixed, given) in enumerate(zip(declared, shape)):
+        if fixed is not None and fixed != given:
+            raise CompressorError(f"--input-shape {inp.name}:{text}: dim {axis} is {given} but the model fixes it to "
+                                  f"{fixed} ({wanted}; ? dims are free)")
+    return list(shape)
+
+
+QUANTIZATION_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+                    "ConvInteger", "MatMulInteger", "QLinearAdd", "QLinearMul", "QGemm")
+
+
+def refuse_quantized(proto: onnx.ModelProto) -> None:
+    """Raise CompressorError for a quantized (QDQ or QOperator) model: compress the float model, then quantize."""
+    found = sorted({n.op_type for n in proto.graph.node if n.op_type in QUANTIZATION_OPS})
+    if found:
+        raise CompressorError(f"quantized models are not supported yet (this one has {', '.join(found)}): compress "
+                              f"the float model before quantizing it (then quantize the result)")

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from compressor.errors import CompressorError
 
+if TYPE_CHECKING:
+    from compressor.engine.analysis import Analysis
+
 TARGETS = ("macs", "params")
+MAX_RATE = 0.9  # at most 90% of a group's prunable channels go (every allocator, MAC- or latency-targeted)
 
 
 @dataclass
@@ -49,13 +54,13 @@ class Plan:
         return not self.dropped_blocks and not any(len(v) for v in self.removed.values())
 
 
-def target_value(analysis, plan: Plan, target: str) -> int:
+def target_value(analysis: Analysis, plan: Plan, target: str) -> int:
     """The plan's remaining MACs or params."""
     macs, params = analysis.cost(plan)
     return macs if target == "macs" else params
 
 
-def baseline_value(analysis, target: str) -> int:
+def baseline_value(analysis: Analysis, target: str) -> int:
     """The unpruned model's MACs or params."""
     return analysis.macs if target == "macs" else analysis.params_total
 
@@ -68,13 +73,13 @@ def kept_count(n: int, rate: float, min_channels: int, round_to: int) -> int:
     return int(min(n, max(keep, min(min_channels, n), 1)))
 
 
-def prunable_groups(analysis, options: PlanOptions) -> list[int]:
+def prunable_groups(analysis: Analysis, options: PlanOptions) -> list[int]:
     """Indices of groups with at least one prunable unit that no --exclude pattern protects."""
     excluded = analysis.excluded_groups(options.exclude)
     return [g.index for g in analysis.groups if g.prunable.any() and g.index not in excluded]
 
 
-def plan_from_counts(analysis, scores: dict[int, np.ndarray], keep: dict[int, int]) -> Plan:
+def plan_from_counts(analysis: Analysis, scores: dict[int, np.ndarray], keep: dict[int, int]) -> Plan:
     """Remove, in each group, the lowest-scored prunable units until `keep[g]` units remain."""
     plan = Plan()
     for g, count in keep.items():
@@ -88,7 +93,7 @@ def plan_from_counts(analysis, scores: dict[int, np.ndarray], keep: dict[int, in
     return ensure_nonempty_tensors(analysis, plan, scores)
 
 
-def ensure_nonempty_tensors(analysis, plan: Plan, scores: dict[int, np.ndarray]) -> Plan:
+def ensure_nonempty_tensors(analysis: Analysis, plan: Plan, scores: dict[int, np.ndarray]) -> Plan:
     """Give back the best-scored unit of any tensor the plan would empty completely."""
     def score(unit: int) -> float:
         group = analysis.unit_group[unit]
@@ -104,8 +109,14 @@ def ensure_nonempty_tensors(analysis, plan: Plan, scores: dict[int, np.ndarray])
     return plan
 
 
-def allocate(analysis, scores: dict[int, np.ndarray], options: PlanOptions, layer_weights: dict[int, float] | None = None,
-             r_min: float = 0.0, r_max: float = 0.9) -> Plan:
+def layer_rates(weights: dict[int, float], strength: float, r_min: float = 0.0, r_max: float = MAX_RATE
+                ) -> dict[int, float]:
+    """Per-layer pruning rates r_g = clip(s · w_g, r_min, r_max) for strength s."""
+    return {g: float(np.clip(strength * w, r_min, r_max)) for g, w in weights.items()}
+
+
+def allocate(analysis: Analysis, scores: dict[int, np.ndarray], options: PlanOptions, layer_weights: dict[int, float] | None = None,
+             r_min: float = 0.0, r_max: float = MAX_RATE) -> Plan:
     """Per-group rates r_g = clip(s·w_g, r_min, r_max), with s found by bisection to meet options.ratio.
 
     Within a group the lowest-scored prunable units go first. Returns the plan whose cost reduction is closest
@@ -120,8 +131,7 @@ def allocate(analysis, scores: dict[int, np.ndarray], options: PlanOptions, laye
 
     def plan_for(strength: float) -> Plan:
         keep = {}
-        for g in groups:
-            rate = float(np.clip(strength * weights[g], r_min, r_max))
+        for g, rate in layer_rates(weights, strength, r_min, r_max).items():
             n_prunable = int(analysis.groups[g].prunable.sum())
             size = analysis.groups[g].size
             count = kept_count(size, rate * n_prunable / size, options.min_channels, options.round_to)
@@ -156,7 +166,8 @@ def allocate(analysis, scores: dict[int, np.ndarray], options: PlanOptions, laye
     return best
 
 
-def allocate_global(analysis, scores: dict[int, np.ndarray], options: PlanOptions, r_max: float = 0.9) -> Plan:
+def allocate_global(analysis: Analysis, scores: dict[int, np.ndarray], options: PlanOptions, r_max: float = MAX_RATE
+                    ) -> Plan:
     """Remove units in one global order of `scores` (comparable across groups) until the target is met."""
     groups = [g for g in prunable_groups(analysis, options) if g in scores]
     if not groups:

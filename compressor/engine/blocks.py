@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from compressor.graph import GraphView
+from compressor.engine.graph import GraphView
 
 MAX_BRANCH_NODES = 400
 
@@ -25,7 +25,7 @@ class Block:
 
 def find_blocks(view: GraphView, cmaps: dict) -> list[Block]:
     """Every Add/Sum whose one input is an ancestor-only branch of the other (identity skip, same shape)."""
-    from compressor.cost import node_macs
+    from compressor.engine.cost import node_macs
 
     blocks: list[Block] = []
     for node in view.nodes:

@@ -12,49 +12,15 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from compressor.blocks import Block, find_blocks
-from compressor.cost import is_param, node_macs
+from compressor.engine.blocks import Block, find_blocks
+from compressor.engine.cost import is_param
 from compressor.errors import CompressorError
-from compressor.graph import GraphView, ensure_node_names
-from compressor.loading import default_opset, load_model, resolve_input_shapes
-from compressor.rules import RULES
-from compressor.shapes import infer_shapes
-from compressor.units import UnitTable
-
-
-@dataclass
-class ChannelMap:
-    """The channel axis of a tensor, the unit of each position along it, and which positions are exactly zero."""
-
-    axis: int
-    units: np.ndarray
-    zero: np.ndarray
-
-
-@dataclass
-class ParamSlice:
-    """Axis `axis` of initializer `init` has positions belonging to `units`.
-
-    role: 'out' (a layer's output filters), 'in' (a mixing layer's input channels, read from activation `tensor`),
-    'chan' (per-channel parameters such as BN statistics or per-channel constants).
-    """
-
-    init: str
-    axis: int
-    units: np.ndarray
-    role: str
-    node: str
-    tensor: str | None = None
-
-
-@dataclass
-class MacTerm:
-    """A MAC-bearing node: its MACs scale with the kept fraction of its input and output units."""
-
-    node: str
-    macs: int
-    in_units: np.ndarray | None
-    out_units: np.ndarray | None
+from compressor.engine.graph import GraphView, ensure_node_names
+from compressor.engine.loading import load_model, model_opset, refuse_quantized, resolve_input_shapes
+from compressor.engine.rules import RULES
+from compressor.engine.shapes import infer_shapes
+from compressor.engine.tracer import ParamSlice, Tracer
+from compressor.engine.units import DisjointSets
 
 
 @dataclass
@@ -74,71 +40,6 @@ class Group:
         return len(self.units)
 
 
-class Tracer:
-    """The state rules work on while the graph is traced in topological order."""
-
-    def __init__(self, view: GraphView, opset: int):
-        self.view = view
-        self.opset = opset
-        self.table = UnitTable()
-        self.cmaps: dict[str, ChannelMap] = {}
-        self.params: list[ParamSlice] = []
-        self.rewrites: list[tuple[str, object]] = []
-        self.mac_terms: list[MacTerm] = []
-        self.consumed_params: dict[str, set[str]] = {}
-
-    def cmap(self, name: str) -> ChannelMap | None:
-        """The channel map of tensor `name`, or None when its channels are fixed or unknown."""
-        return self.cmaps.get(name) if name else None
-
-    def rank(self, name: str) -> int | None:
-        """Rank of tensor `name`, if known."""
-        shape = self.view.shape(name)
-        return None if shape is None else len(shape)
-
-    def set(self, name: str, axis: int, units: np.ndarray, zero: np.ndarray | None) -> None:
-        """Give tensor `name` a channel map (zero=None: no position is known to be exactly zero)."""
-        units = np.asarray(units, dtype=np.int64)
-        zero = np.zeros(len(units), dtype=bool) if zero is None else np.asarray(zero, dtype=bool)
-        shape = self.view.shape(name)
-        if shape is None or axis >= len(shape) or shape[axis] != len(units):
-            self.block(units, f"tensor '{name}' has an unexpected shape")
-            return
-        self.cmaps[name] = ChannelMap(axis, units, zero)
-
-    def new_units(self, count: int, node: onnx.NodeProto, blocked: str | None = None) -> np.ndarray:
-        """Fresh units born at `node`."""
-        return self.table.new(count, node.name, blocked)
-
-    def union(self, a: np.ndarray, b: np.ndarray) -> None:
-        """Couple unit a[i] with b[i]."""
-        self.table.union(a, b)
-
-    def block(self, units: np.ndarray, reason: str) -> None:
-        """Make units unprunable."""
-        self.table.block(units, reason)
-
-    def block_inputs(self, node: onnx.NodeProto, reason: str) -> None:
-        """Block the channels of every tracked input of `node`."""
-        for name in node.input:
-            cmap = self.cmap(name)
-            if cmap is not None:
-                self.block(cmap.units, f"{node.op_type} '{node.name}': {reason}")
-
-    def param(self, init: str, axis: int, units: np.ndarray, role: str, node: onnx.NodeProto, tensor: str | None = None) -> None:
-        """Register that initializer `init` is sliced along `axis` with `units`."""
-        self.params.append(ParamSlice(init, axis, np.asarray(units, dtype=np.int64), role, node.name, tensor))
-        self.consumed_params.setdefault(init, set()).add(node.name)
-
-    def rewrite(self, node: onnx.NodeProto, fn) -> None:
-        """Register an attribute/shape-constant rewrite `fn(node, keep, surgery)` for `node`."""
-        self.rewrites.append((node.name, fn))
-
-    def macs(self, node: onnx.NodeProto, in_units: np.ndarray | None, out_units: np.ndarray | None) -> None:
-        """Register a MAC term for `node`."""
-        self.mac_terms.append(MacTerm(node.name, node_macs(node, self.view), in_units, out_units))
-
-
 class Analysis:
     """Groups, blocks and the bookkeeping that maps a plan to costs and to surgery."""
 
@@ -146,9 +47,8 @@ class Analysis:
         self.proto = proto
         self.input_shapes = input_shapes
         self.view = GraphView(proto, infer_shapes(proto, input_shapes))
-        tracer = Tracer(self.view, default_opset(proto) or 13)
+        tracer = Tracer(self.view, model_opset(proto))
         self._trace(tracer)
-        self.tracer = tracer
         self.unit_roots = tracer.table.roots()
         self.cmaps = tracer.cmaps
         self.params = tracer.params
@@ -218,21 +118,13 @@ class Analysis:
         # Units born at the same node belong together; merged units merge their birth nodes' groups.
         births = sorted(set(table.birth), key=table.birth.index)
         birth_index = {b: i for i, b in enumerate(births)}
-        parent = list(range(len(births)))
-
-        def find(i: int) -> int:
-            while parent[i] != i:
-                parent[i] = parent[parent[i]]
-                i = parent[i]
-            return i
-
+        birth_sets = DisjointSets(len(births))
+        find = birth_sets.find
         first_birth_of_root: dict[int, int] = {}
         for unit, root in enumerate(roots.tolist()):
             b = birth_index[table.birth[unit]]
             if root in first_birth_of_root:
-                x, y = find(first_birth_of_root[root]), find(b)
-                if x != y:
-                    parent[max(x, y)] = min(x, y)
+                birth_sets.merge(first_birth_of_root[root], b)
             else:
                 first_birth_of_root[root] = b
         members: dict[int, list[int]] = {}
@@ -273,15 +165,8 @@ class Analysis:
         """(MACs, params) of the model after applying `plan`."""
         removed = self.removed_mask(plan)
         dropped = self.dropped_nodes(plan)
-        macs = 0.0
-        for term in self.mac_terms:
-            if term.node in dropped or term.macs == 0:
-                continue
-            value = float(term.macs)
-            for units in (term.in_units, term.out_units):
-                if units is not None and len(units):
-                    value *= np.count_nonzero(~removed[units]) / len(units)
-            macs += value
+        kept = lambda units: np.count_nonzero(~removed[units])  # noqa: E731 - units that survive the plan
+        macs = sum(term.scaled(kept) for term in self.mac_terms if term.node not in dropped and term.macs)
         live_inits = self._live_inits(frozenset(dropped))
         fractions: dict[str, float] = {}
         seen: set[tuple[str, int]] = set()
@@ -372,6 +257,7 @@ def _matches(name: str, pattern: str) -> bool:
 def analyze(model, input_shapes: dict[str, list[int]] | None = None) -> Analysis:
     """Load `model` (path or ModelProto) and analyze its channel dependencies and residual blocks."""
     proto = load_model(model)
+    refuse_quantized(proto)
     ensure_node_names(proto)
     shapes = resolve_input_shapes(proto, input_shapes)
     try:
@@ -382,4 +268,4 @@ def analyze(model, input_shapes: dict[str, list[int]] | None = None) -> Analysis
         raise CompressorError(f"unsupported graph: {exc}") from exc
 
 
-__all__ = ["Analysis", "Block", "ChannelMap", "Group", "MacTerm", "ParamSlice", "analyze"]
+__all__ = ["Analysis", "Group", "analyze"]

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from compressor.graph import GraphView, ensure_node_names
-from compressor.loading import load_model, resolve_input_shapes
-from compressor.shapes import infer_shapes
+from compressor.engine.graph import GraphView, ensure_node_names
+from compressor.engine.loading import load_model, resolve_input_shapes
+from compressor.engine.shapes import infer_shapes
 
 MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -69,9 +69,12 @@ def view_cost(view: GraphView) -> ModelCost:
     layers = []
     for node in view.nodes:
         params = 0
-        for name in node.input:
+        # A QDQ model's weights are the integer inputs of DequantizeLinear; its scales and zero points are not params.
+        dequantize = node.op_type == "DequantizeLinear"
+        for position, name in enumerate(node.input):
             value = view.const(name)
-            if value is not None and name not in counted and is_param(value):
+            counts = (position == 0) if dequantize else value is not None and is_param(value)
+            if value is not None and name not in counted and counts:
                 counted.add(name)
                 params += int(value.size)
         macs = node_macs(node, view)

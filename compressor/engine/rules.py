@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from compressor.graph import attr, set_attr
+from compressor.engine.graph import attr, set_attr
 
 if TYPE_CHECKING:
     import onnx
 
-    from compressor.analysis import ChannelMap, Tracer
+    from compressor.engine.tracer import KeepFn, Rewrite, RewriteContext, Tracer
 
 Rule = Callable[["Tracer", "onnx.NodeProto"], None]
 RULES: dict[str, Rule] = {}
@@ -154,8 +154,8 @@ def conv(t: "Tracer", node) -> None:
     t.set(out, 1, out_units, filter_zero)
 
 
-def _set_group_to_kept(units: np.ndarray):
-    def rewrite(node, keep, surgery) -> None:
+def _set_group_to_kept(units: np.ndarray) -> "Rewrite":
+    def rewrite(node: "onnx.NodeProto", keep: "KeepFn", surgery: "RewriteContext") -> None:
         set_attr(node, "group", int(keep(units).sum()))
 
     return rewrite
@@ -349,7 +349,7 @@ def split(t: "Tracer", node) -> None:
     for out, lo, hi, piece in zip(node.output, bounds[:-1], bounds[1:], pieces):
         t.set(out, axis, piece, cmap.zero[lo:hi])
 
-    def rewrite(node, keep, surgery) -> None:
+    def rewrite(node: "onnx.NodeProto", keep: "KeepFn", surgery: "RewriteContext") -> None:
         kept = np.array([int(keep(p).sum()) for p in pieces], dtype=np.int64)
         for a in [a for a in node.attribute if a.name == "num_outputs"]:
             node.attribute.remove(a)
@@ -392,7 +392,7 @@ def slice_(t: "Tracer", node) -> None:
     before, inside = cmap.units[:lo], units
     t.set(node.output[0], cmap.axis, units, zero)
 
-    def rewrite(node, keep, surgery) -> None:
+    def rewrite(node: "onnx.NodeProto", keep: "KeepFn", surgery: "RewriteContext") -> None:
         new_lo = int(keep(before).sum())
         new_starts, new_ends = starts.copy(), ends.copy()
         new_starts[i], new_ends[i] = new_lo, new_lo + int(keep(inside).sum())
@@ -433,7 +433,7 @@ def pad(t: "Tracer", node) -> None:
     t.set(node.output[0], cmap.axis, np.concatenate([head, cmap.units, tail]), zero)
     channel_index = int(np.nonzero(axes == cmap.axis)[0][0])
 
-    def rewrite(node, keep, surgery) -> None:
+    def rewrite(node: "onnx.NodeProto", keep: "KeepFn", surgery: "RewriteContext") -> None:
         new = pads.copy()
         new[channel_index], new[channel_index + len(axes)] = int(keep(head).sum()), int(keep(tail).sum())
         if from_input:
@@ -504,7 +504,7 @@ def flatten_or_reshape(t: "Tracer", node) -> None:
         return
     channel_units = cmap.units
 
-    def rewrite(node, keep, surgery) -> None:
+    def rewrite(node: "onnx.NodeProto", keep: "KeepFn", surgery: "RewriteContext") -> None:
         new = target.copy()
         new[k] = int(keep(channel_units).sum()) * block_size
         surgery.set_input_constant(node, 1, new)
@@ -565,7 +565,7 @@ def resize(t: "Tracer", node) -> None:
             return t.block_inputs(node, "run-time output sizes")
         units = cmap.units
 
-        def rewrite(node, keep, surgery) -> None:
+        def rewrite(node: "onnx.NodeProto", keep: "KeepFn", surgery: "RewriteContext") -> None:
             new = sizes.copy()
             new[cmap.axis] = int(keep(units).sum())
             surgery.set_input_constant(node, 3, new)

@@ -9,14 +9,38 @@ from __future__ import annotations
 import numpy as np
 
 
-class UnitTable:
+class DisjointSets:
+    """Union-find over ids 0..n-1 with path halving; the smaller root absorbs the larger."""
+
+    def __init__(self, count: int = 0) -> None:
+        self.parent: list[int] = list(range(count))
+
+    def find(self, item: int) -> int:
+        """Root of `item` (with path halving)."""
+        parent = self.parent
+        while parent[item] != item:
+            parent[item] = parent[parent[item]]
+            item = parent[item]
+        return item
+
+    def merge(self, a: int, b: int) -> tuple[int, int] | None:
+        """Join the sets of a and b; (kept root, absorbed root), or None when they were already one set."""
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return None
+        if ra > rb:
+            ra, rb = rb, ra
+        self.parent[rb] = ra
+        return ra, rb
+
+
+class UnitTable(DisjointSets):
     """Union-find over channel unit ids with birth node and blocked flags kept at the roots."""
 
     def __init__(self) -> None:
-        self.parent: list[int] = []
+        super().__init__()
         self.birth: list[str] = []
         self.blocked: dict[int, str] = {}
-        self._frozen: np.ndarray | None = None
 
     def new(self, count: int, birth: str, blocked_reason: str | None = None) -> np.ndarray:
         """Create `count` fresh units born at node `birth`."""
@@ -29,25 +53,12 @@ class UnitTable:
                 self.blocked[i] = blocked_reason
         return ids
 
-    def find(self, unit: int) -> int:
-        """Root of `unit` (with path halving)."""
-        parent = self.parent
-        while parent[unit] != unit:
-            parent[unit] = parent[parent[unit]]
-            unit = parent[unit]
-        return unit
-
     def union(self, a: np.ndarray, b: np.ndarray) -> None:
         """Merge units a[i] and b[i] for every i (arrays of equal length)."""
         for x, y in zip(np.asarray(a).tolist(), np.asarray(b).tolist()):
-            rx, ry = self.find(x), self.find(y)
-            if rx == ry:
-                continue
-            if rx > ry:
-                rx, ry = ry, rx
-            self.parent[ry] = rx
-            if ry in self.blocked:
-                self.blocked.setdefault(rx, self.blocked.pop(ry))
+            merged = self.merge(x, y)
+            if merged is not None and merged[1] in self.blocked:
+                self.blocked.setdefault(merged[0], self.blocked.pop(merged[1]))
 
     def block(self, units: np.ndarray, reason: str) -> None:
         """Mark units as never removable."""

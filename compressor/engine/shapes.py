@@ -6,17 +6,8 @@ import numpy as np
 import onnx
 
 from compressor.errors import CompressorError
-
-ONNX_TO_NUMPY = {
-    onnx.TensorProto.FLOAT: np.float32,
-    onnx.TensorProto.DOUBLE: np.float64,
-    onnx.TensorProto.FLOAT16: np.float16,
-    onnx.TensorProto.INT64: np.int64,
-    onnx.TensorProto.INT32: np.int32,
-    onnx.TensorProto.INT8: np.int8,
-    onnx.TensorProto.UINT8: np.uint8,
-    onnx.TensorProto.BOOL: np.bool_,
-}
+from compressor.runtime.inputs import random_inputs
+from compressor.runtime.sessions import cpu_session
 
 
 def with_fixed_inputs(proto: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> onnx.ModelProto:
@@ -59,26 +50,8 @@ def infer_shapes(proto: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> 
     return shapes
 
 
-def random_inputs(proto: onnx.ModelProto, input_shapes: dict[str, list[int]], seed: int) -> dict[str, np.ndarray]:
-    """Seeded inputs for every graph input: standard normal floats, zeros for integer and bool inputs."""
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for inp in proto.graph.input:
-        dtype = ONNX_TO_NUMPY.get(inp.type.tensor_type.elem_type)
-        if dtype is None:
-            raise CompressorError(f"input '{inp.name}' has an unsupported element type")
-        shape = input_shapes[inp.name]
-        if np.issubdtype(dtype, np.floating):
-            feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
-        else:
-            feeds[inp.name] = np.zeros(shape, dtype=dtype)
-    return feeds
-
-
 def run_for_shapes(proto: onnx.ModelProto, input_shapes: dict[str, list[int]], names: list[str]) -> dict[str, tuple[int, ...]]:
     """Run the model once with ONNX Runtime, exposing `names` as outputs, and read their shapes."""
-    from compressor.runtime import cpu_session
-
     probe = onnx.ModelProto()
     probe.CopyFrom(proto)
     existing = {o.name for o in probe.graph.output}

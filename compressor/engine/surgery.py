@@ -6,12 +6,18 @@ channels zeroed where mixing layers consume them and the dropped branches bypass
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Callable
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
-from compressor.plan import Plan
+from compressor.engine.plan import Plan
+
+if TYPE_CHECKING:
+    from compressor.engine.analysis import Analysis
+    from compressor.engine.tracer import KeepFn, ParamSlice
 
 
 class SurgeryContext:
@@ -41,7 +47,7 @@ class SurgeryContext:
         node.input[slot] = name
 
 
-def bypass_blocks(proto: onnx.ModelProto, analysis, plan: Plan) -> None:
+def bypass_blocks(proto: onnx.ModelProto, analysis: Analysis, plan: Plan) -> None:
     """Remove the plan's dropped branches: each join's output becomes its skip input (in place)."""
     if not plan.dropped_blocks:
         return
@@ -72,8 +78,10 @@ def bypass_blocks(proto: onnx.ModelProto, analysis, plan: Plan) -> None:
     graph.node.extend(kept + identities)
 
 
-def _keep_fn(removed: np.ndarray, roots: np.ndarray):
-    """keep(units) → bool mask; units captured by rules at trace time are mapped to their roots first."""
+def keep_function(analysis: Analysis, removed: np.ndarray) -> KeepFn:
+    """keep(units) → bool mask of the units that stay; units captured by rules at trace time are mapped to their
+    roots first. `removed` is a bool array over unit ids (Analysis.removed_mask)."""
+    roots = analysis.unit_roots
 
     def keep(units: np.ndarray) -> np.ndarray:
         return ~removed[roots[np.asarray(units, dtype=np.int64)]]
@@ -81,36 +89,46 @@ def _keep_fn(removed: np.ndarray, roots: np.ndarray):
     return keep
 
 
-def apply_plan(analysis, plan: Plan) -> onnx.ModelProto:
+def slice_parameters(analysis: Analysis, ctx: SurgeryContext, keep: KeepFn, include: Callable[[ParamSlice], bool],
+                     placeholders: frozenset[str] | set[str] = frozenset()) -> None:
+    """Remove the dropped positions of every registered parameter slice `include` accepts, once per (initializer,
+    axis). Placeholders (initializers without values) only get their dims shrunk."""
+    done: set[tuple[str, int]] = set()
+    for p in analysis.params:
+        if (p.init, p.axis) in done or p.init not in ctx.inits or not include(p):
+            continue
+        done.add((p.init, p.axis))
+        mask = keep(p.units)
+        if mask.all():
+            continue
+        if p.init in placeholders:
+            ctx.proto.graph.initializer[ctx.inits[p.init]].dims[p.axis] = int(mask.sum())
+        else:
+            ctx.replace(p.init, np.compress(mask, ctx.value(p.init), axis=p.axis))
+
+
+def apply_rewrites(analysis: Analysis, ctx: SurgeryContext, keep: KeepFn, skip: set[str] = frozenset()) -> None:
+    """Run the rules' attribute and shape-constant rewrites on the nodes of `ctx.proto` (those in `skip` aside)."""
+    nodes = {n.name: n for n in ctx.proto.graph.node}
+    for node_name, rewrite in analysis.rewrites:
+        if node_name in nodes and node_name not in skip:
+            rewrite(nodes[node_name], keep, ctx)
+
+
+def apply_plan(analysis: Analysis, plan: Plan) -> onnx.ModelProto:
     """A new model with the plan's channels and blocks physically removed, cleaned up and shape-inferred."""
     proto = onnx.ModelProto()
     proto.CopyFrom(analysis.proto)
     bypass_blocks(proto, analysis, plan)
-    removed = analysis.removed_mask(plan)
-    keep = _keep_fn(removed, analysis.unit_roots)
+    keep = keep_function(analysis, analysis.removed_mask(plan))
     dropped = analysis.dropped_nodes(plan)
     ctx = SurgeryContext(proto)
-    done: set[tuple[str, int]] = set()
-    masks: dict[str, list[tuple[int, np.ndarray]]] = {}
-    for p in analysis.params:
-        if p.node in dropped or (p.init, p.axis) in done:
-            continue
-        done.add((p.init, p.axis))
-        masks.setdefault(p.init, []).append((p.axis, keep(p.units)))
-    for name, axis_masks in masks.items():
-        value = ctx.value(name)
-        for axis, mask in axis_masks:
-            if not mask.all():
-                value = np.compress(mask, value, axis=axis)
-        ctx.replace(name, value)
-    nodes = {n.name: n for n in proto.graph.node}
-    for node_name, rewrite in analysis.rewrites:
-        if node_name in nodes and node_name not in dropped:
-            rewrite(nodes[node_name], keep, ctx)
+    slice_parameters(analysis, ctx, keep, lambda p: p.node not in dropped)
+    apply_rewrites(analysis, ctx, keep, skip=dropped)
     return finalize(proto)
 
 
-def zeroed_reference(analysis, plan: Plan) -> onnx.ModelProto:
+def zeroed_reference(analysis: Analysis, plan: Plan) -> onnx.ModelProto:
     """The original model with removed channels zeroed at their mixing consumers and dropped branches bypassed."""
     proto = onnx.ModelProto()
     proto.CopyFrom(analysis.proto)

@@ -1,15 +1,11 @@
-"""What `compress bench` reports: measurements, ratios against the first model, the environment, and the outputs
-(stdout table, JSON, Markdown, PNG plot, progress bar). Measuring lives in compressor.bench."""
+"""What `compress bench` reports: measurements, ratios against the first model, and the outputs (stdout table,
+JSON, Markdown, PNG plot, progress bar). Measuring lives in compressor.runtime.bench, the environment in probes."""
 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import os
-import platform
-import shutil
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,7 +19,8 @@ from compressor.errors import CompressorError
 
 @dataclass
 class ModelInfo:
-    """A benchmarked model: its name in tables, path, file size, and MACs/params per image (None when unknown)."""
+    """A benchmarked model: its name in tables, path, file size, and MACs/params per image (None when unknown;
+    `cost_error` then says why the engine could not count them)."""
 
     index: int
     name: str
@@ -31,6 +28,8 @@ class ModelInfo:
     file_bytes: int
     macs: int | None
     params: int | None
+    cost_error: str | None = None
+    precision: str | None = None  # fp32, fp16 or int8, read from the graph
 
 
 @dataclass
@@ -61,6 +60,7 @@ class Measurement:
     params: int | None = None
     cuda_graph: bool = False
     pinned_cores: list[int] | None = None
+    precision: str | None = None
 
     def percentile_ms(self, q: float) -> float:
         """The q-th percentile (0-100, linear interpolation) of the latency samples."""
@@ -93,8 +93,8 @@ class Measurement:
 
     @property
     def throughput(self) -> float:
-        """Images (batch items) per second over the timed runs."""
-        return self.batch * 1000.0 / self.mean_ms
+        """Images (batch items) per second at the median latency (the statistic speedups use too)."""
+        return self.batch * 1000.0 / self.p50_ms
 
     @property
     def memory_mb(self) -> float | None:
@@ -166,12 +166,14 @@ class BenchReport:
                 "environment": self.environment}
 
     def save_json(self, path: str | os.PathLike) -> None:
-        """Write to_dict() as indented JSON."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        """Write to_dict() as indented JSON (atomically)."""
+        from compressor.files import write_text
+
+        write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     def _table_rows(self) -> tuple[list[str], list[list[str]]]:
-        header = ["model", "target", "batch", "MACs", "params", "p50 ms", "p90 ms", "p99 ms", "img/s", "speedup",
-                  "MACs x", "mem MB", "create s"]
+        header = ["model", "prec", "target", "batch", "MACs", "params", "p50 ms", "p90 ms", "p99 ms", "img/s (p50)",
+                  "speedup (p50)", "MACs x", "mem MB", "create s"]
         speedups = {(r["model"], r["target"], r["batch"]): r["speedup_p50"] for r in self.ratios()}
         rows = []
         for target, batch in self.cells():
@@ -179,7 +181,7 @@ class BenchReport:
             base = group[0]
             for m in group:
                 speedup = 1.0 if m.model_index == 0 else speedups.get((m.model, m.target, m.batch))
-                rows.append([m.model, m.target, str(m.batch), _human(m.macs), _human(m.params),
+                rows.append([m.model, m.precision or "?", m.target, str(m.batch), _human(m.macs), _human(m.params),
                              f"{m.p50_ms:.3f}", f"{m.p90_ms:.3f}", f"{m.p99_ms:.3f}", f"{m.throughput:.1f}",
                              _fmt(speedup, 1, 2, suffix="x"), _fmt(_ratio(m.macs, base.macs), 1, 3),
                              _fmt(m.memory_mb, 1, 1), f"{m.session_create_s:.2f}"])
@@ -262,69 +264,6 @@ def _flat(value: Any) -> str:
     return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
 
 
-# ---------------------------------------------------------------------------------------------------- environment
-def _cpu_model() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
-
-
-def _gpu_description(device_id: int) -> dict[str, Any]:
-    from compressor.bench import nvml_device
-
-    handle = nvml_device(device_id)
-    if handle is not None:
-        import pynvml
-
-        name = pynvml.nvmlDeviceGetName(handle)
-        driver = pynvml.nvmlSystemGetDriverVersion()
-        total = pynvml.nvmlDeviceGetMemoryInfo(handle).total
-        as_text = lambda v: v.decode() if isinstance(v, bytes) else str(v)  # noqa: E731 - older pynvml gives bytes
-        return {"name": as_text(name), "driver": as_text(driver), "memory_mb": round(total / 2**20), "source": "nvml"}
-    if shutil.which("nvidia-smi"):
-        try:
-            line = subprocess.run(["nvidia-smi", f"--id={device_id}", "--query-gpu=name,driver_version,memory.total",
-                                   "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout.strip()
-            name, driver, memory = [part.strip() for part in line.split(",")][:3]
-            return {"name": name, "driver": driver, "memory": memory, "source": "nvidia-smi"}
-        except (OSError, ValueError, subprocess.SubprocessError):
-            pass
-    return {"name": None, "driver": None, "source": None}
-
-
-def capture_environment(targets: list[Any]) -> dict[str, Any]:
-    """ONNX Runtime version and providers, GPU name and driver for GPU targets, CPU model, cores, thread settings,
-    Python, platform and the date (UTC)."""
-    import onnxruntime as ort
-
-    env: dict[str, Any] = {
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "onnxruntime": ort.__version__,
-        "available_providers": ort.get_available_providers(),
-        "onnxruntime_build": ort.get_build_info() if hasattr(ort, "get_build_info") else None,
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "cpu_model": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "thread_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                                                   "CUDA_VISIBLE_DEVICES") if k in os.environ},
-    }
-    with contextlib.suppress(ImportError):
-        import psutil
-
-        env["physical_cores"] = psutil.cpu_count(logical=False)
-        env["memory_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
-    gpu_ids = sorted({t.device_id for t in targets if t.on_gpu})
-    if gpu_ids:
-        env["gpus"] = {str(i): _gpu_description(i) for i in gpu_ids}
-    return env
-
-
 # --------------------------------------------------------------------------------------------------------- outputs
 @contextlib.contextmanager
 def progress_bar(every_s: float = 5.0) -> Iterator[Any]:
@@ -394,7 +333,7 @@ def plot_report(report: BenchReport, path: str | os.PathLike) -> None:
     handles, labels = figure.axes[0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="lower center", ncol=min(4, len(names)), fontsize="small", frameon=False)
     figure.tight_layout(rect=(0, 0.04 + 0.03 * ((len(names) + 3) // 4) / rows, 1, 1))
-    figure.savefig(str(path), dpi=120)
+    figure.savefig(str(path), dpi=120, format="png")
 
 
 def _plot_x(group: list[Measurement]) -> tuple[list[float], str]:

@@ -1,0 +1,75 @@
+"""benchmarks/accuracy_at_speed.py's pure parts: every row is a valid `compress train` command, the table, the
+Pareto plot and the packing of slim models (the GPU run itself is smoke-tested on CPU, see its docstring)."""
+
+from __future__ import annotations
+
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import accuracy_at_speed as driver  # noqa: E402
+import accuracy_rows as rows  # noqa: E402
+
+
+def parse_train(argv: list[str]) -> dict:
+    from typer.main import get_command
+
+    from cli.train_cmd import app
+
+    return get_command(app).make_context("train", list(argv)).params
+
+
+def test_every_row_is_a_valid_compress_train_command():
+    assert len(set(rows.ROW_NAMES)) == len(rows.ROWS)
+    for row in rows.ROWS:
+        argv = rows.row_argv(row, "base.pt", f"w/{row.name}", 60, "data", "cuda", None, "cuda")
+        params = parse_train(argv)
+        assert params["epochs"] == 60 and str(params["init"]) == "base.pt" and str(params["out"]) == f"w/{row.name}"
+        assert (str(params["distill"]) == "base.pt") == row.kd
+        assert (params["target"] == "latency") == row.plans_latency
+    base = parse_train(rows.baseline_argv("pub.th", "w/baseline", 83, "data", "cuda", None))
+    assert (base["epochs"], base["batch_size"], base["lr"], base["schedule"], base["weight_decay"], base["nesterov"]) \
+        == (83, 256, 0.1, "onecycle", 5e-4, True)
+    assert [r.name for r in rows.select_rows("l1,gsm-kd")] == ["gsm-kd", "l1"]
+    with pytest.raises(SystemExit):
+        rows.select_rows("nope")
+
+
+def fake_row(name: str, top1: float, b128: float | None, baseline: bool = False) -> dict:
+    return {"name": name, "label": name, "test_top1": top1, "macs_reduction": 0.0 if baseline else 0.6,
+            "latency_ms": {"cuda_b1": 1.0, "cuda_b128": b128, "cpu1": 3.0}, "baseline": baseline, "epochs": 60,
+            "command": f"compress train -o {name}", "kd": name.endswith("-kd"), "blocks_removed": 0,
+            "filters_removed": 10}
+
+
+def test_table_and_pareto_plot(tmp_path):
+    table = [fake_row("baseline", 91.0, 2.4, True), fake_row("baseline-ft", 91.2, 2.4), fake_row("l1-kd", 90.5, 1.2),
+             fake_row("gsm", 90.0, None)]
+    text = rows.markdown(table, ["# t"])
+    line = next(l for l in text.splitlines() if l.startswith("| l1-kd"))
+    assert "| -0.50 | -0.70 |" in line and "| 2.00 |" in line and "| yes |" in line
+    assert "`compress train -o gsm`" in text
+    assert rows.pareto_plot(table, tmp_path / "p.png") and (tmp_path / "p.png").stat().st_size > 1000
+    none = fake_row("gsm", 90.0, None)
+    none["latency_ms"]["cpu1"] = None
+    assert not rows.pareto_plot([none], tmp_path / "none.png")
+
+
+def test_slim_models_are_packed_in_parts(tmp_path, monkeypatch):
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir(), out.mkdir()
+    for name in ("a", "b", "c"):
+        (work / f"{name}.slim.onnx").write_bytes(bytes(600))
+    monkeypatch.setattr(driver, "PART_BYTES", 1300)
+    parts = driver.pack_slim_models({n: {"slim_onnx": f"{n}.slim.onnx"} for n in "abc"}, work, out, "slim_a")
+    assert parts == ["slim_a_1.tar", "slim_a_2.tar"]
+    back = tmp_path / "back"
+    driver.unpack(out, back)
+    assert sorted(p.name for p in back.iterdir()) == ["a.slim.onnx", "b.slim.onnx", "c.slim.onnx"]
+    with tarfile.open(out / "slim_a_1.tar") as tar:
+        assert len(tar.getnames()) == 2
