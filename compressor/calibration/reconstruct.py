@@ -3,8 +3,9 @@ the original model's on calibration data (ridge least squares on the kept input 
 
 Layers are refitted level by level in topological order: a level holds layers none of which feeds another, and each
 level's inputs come from the pruned model with all earlier refits in place (errors do not compound), its targets
-from the original model. Each level streams the calibration set once through both models (one batch in memory),
-gathering sampled im2col rows into per-layer Gram matrices (at most ROW_BUDGET rows, float64).
+from the original model. Each level runs both models only from the activations cached at the previous cut
+(compressor.calibration.segments) over the calibration set, one batch in memory, gathering sampled im2col rows into
+per-layer Gram matrices (row_budget rows, float64); compressor.calibration.ridge solves them.
 """
 
 from __future__ import annotations
