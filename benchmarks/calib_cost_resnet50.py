@@ -93,7 +93,7 @@ def markdown(rows: dict, count: int, command: str) -> str:
     lines = [
         "# `--calib` cost: torchvision ResNet-50, 224×224, l1 at 50% fewer MACs",
         "",
-        f"Command: `{command}`",
+        "Commands: " + ", ".join(f"`{c}`" for c in dict.fromkeys(row.get("command", command) for row in rows.values())),
         f"Machine: {platform.node()} ({os.cpu_count()} cores, {platform.processor() or platform.machine()}), "
         f"Python {platform.python_version()}; other jobs share the machine (load average before each run below).",
         "",
@@ -132,19 +132,32 @@ def main() -> None:
         images = work / f"images{args.count}"
         if not images.exists():
             write_images(images, args.count)
-        rows = {}
+        rows = previous_rows(args.out, args.count)
         for key in args.runs:
             print(f"{key}...", file=sys.stderr, flush=True)
             rows[key] = run_compress(model, RUNS[key](images))
             rows[key].pop("held_out", None)
+            rows[key]["command"] = command
             write_results(args.out, command, args.count, rows)
     print(markdown(rows, args.count, command))
+
+
+def previous_rows(out: Path, count: int) -> dict:
+    """The runs an earlier invocation with the same image count wrote to `out` (a run given again replaces its row)."""
+    path = out / f"{NAME}.json"
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    if data.get("count") != count:
+        return {}
+    return {key: data[key] for key in RUNS if key in data}
 
 
 def write_results(out: Path, command: str, count: int, rows: dict) -> None:
     """The JSON and Markdown results so far (written after every run)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{NAME}.json").write_text(json.dumps({"command": command, "count": count, **rows}, indent=2) + "\n")
+    rows = {key: rows[key] for key in RUNS if key in rows}
     (out / f"{NAME}.md").write_text(markdown(rows, count, command))
 
 
