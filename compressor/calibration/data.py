@@ -22,6 +22,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ORDERS = ("rgb", "bgr")
 LAYOUTS = ("nchw", "nhwc")
+ARRAY_SUFFIXES = (".npy", ".npz")
 
 
 @dataclass
@@ -186,14 +187,14 @@ def load_calibration(source, proto: onnx.ModelProto, input_shapes: dict[str, lis
         raise CompressorError(f"calibration data not found: {path}")
     if path.is_dir():
         calib = _image_folder(path, inputs, input_shapes, options)
-    elif path.suffix.lower() == ".npy":
-        if len(inputs) != 1:
-            raise CompressorError(f"a .npy calibration file needs a single-input model; this one has {len(inputs)} "
-                                  "inputs: use a .npz with one array per input name")
-        name = next(iter(inputs))
-        calib = CalibrationSet.from_arrays({name: _check_array(_read_npy(path), name, inputs[name], input_shapes)}, options)
-    elif path.suffix.lower() == ".npz":
-        calib = CalibrationSet.from_arrays(_read_npz(path, inputs, input_shapes), options)
+    elif path.suffix.lower() in ARRAY_SUFFIXES:
+        arrays = read_arrays(path, list(inputs))
+        missing = sorted(set(inputs) - set(arrays))
+        if missing:
+            raise CompressorError(f"{path} has no array for input(s) {', '.join(missing)} "
+                                  f"(it holds: {', '.join(arrays) or 'nothing'})")
+        checked = {name: _check_array(arrays[name], name, inputs[name], input_shapes) for name in inputs}
+        calib = CalibrationSet.from_arrays(checked, options)
     else:
         raise CompressorError(f"calibration data must be an image folder, a .npy or a .npz file: {path}")
     return _seeded_subset(calib, options)
@@ -233,23 +234,31 @@ def _image_folder(path: Path, inputs: dict, input_shapes: dict[str, list[int]], 
     return calib
 
 
-def _read_npy(path: Path) -> np.ndarray:
-    try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise CompressorError(f"cannot read calibration array {path}: {exc}") from exc
+def read_arrays(path: str | Path, input_names: list[str]) -> dict[str, np.ndarray]:
+    """The arrays of an input file, the project's one reader of `.npy`/`.npz` data: a `.npy` (memory-mapped) feeds
+    the single input of `input_names`; a `.npz` gives every array it holds, by name (callers match them to inputs).
 
-
-def _read_npz(path: Path, inputs: dict, input_shapes: dict[str, list[int]]) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            missing = sorted(set(inputs) - set(archive.files))
-            if missing:
-                raise CompressorError(f"{path} has no array for input(s) {', '.join(missing)} "
-                                      f"(it holds: {', '.join(archive.files) or 'nothing'})")
-            return {name: _check_array(archive[name], name, inputs[name], input_shapes) for name in inputs}
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise CompressorError(f"cannot read calibration archive {path}: {exc}") from exc
+    Raises CompressorError for a missing or unreadable file, another suffix, or a `.npy` for a model of several inputs.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CompressorError(f"calibration data not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        if len(input_names) != 1:
+            raise CompressorError(f"a .npy calibration file needs a single-input model; this one has "
+                                  f"{len(input_names)} inputs: use a .npz with one array per input name")
+        try:
+            return {input_names[0]: np.load(path, mmap_mode="r", allow_pickle=False)}
+        except (OSError, ValueError) as exc:
+            raise CompressorError(f"cannot read calibration array {path}: {exc}") from exc
+    if suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                return {name: archive[name] for name in archive.files}
+        except (OSError, ValueError, zipfile.BadZipFile) as exc:
+            raise CompressorError(f"cannot read calibration archive {path}: {exc}") from exc
+    raise CompressorError(f"calibration data must be a .npy or .npz file, not {path.name}")
 
 
 def _numpy_dtype(value_info: onnx.ValueInfoProto):

@@ -1,4 +1,5 @@
-"""Input batches for calibration and comparison: arrays from .npy/.npz files, re-iterable feeds, seeded inputs.
+"""Input batches for calibration and comparison: arrays from .npy/.npz files (read by the calibration data layer,
+compressor.calibration.data), re-iterable feeds, seeded inputs.
 
 The interface between a data source and the precision stage is an iterable of feed dicts ({input name: array},
 batch first). Any object with a `batches(batch_size)` method (a calibration set) serves as well.
@@ -13,6 +14,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import onnx
 
+from compressor.calibration.data import read_arrays
 from compressor.errors import CompressorError
 from compressor.runtime.inputs import ONNX_TO_NUMPY, random_inputs
 
@@ -27,31 +29,17 @@ def model_inputs(proto: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 
 
 def load_feed_arrays(path: str | os.PathLike, proto: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Read calibration inputs: a .npy (single-input model) or a .npz with one array per input name.
+    """Read calibration inputs: a .npy (single-input model) or a .npz with one array per input name (a .npz of one
+    array feeds a single-input model whatever its name). The file is read by compressor.calibration.data.
 
     Arrays are batch first and are cast to the input's element type; a rank or fixed-dimension mismatch with the
     model's inputs is a CompressorError.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CompressorError(f"calibration file not found: {path}")
     inputs = model_inputs(proto)
-    try:
-        if path.suffix == ".npy":
-            if len(inputs) != 1:
-                raise CompressorError(f"{path.name}: a .npy file feeds a single-input model; this one has "
-                                      f"{len(inputs)} inputs (use a .npz with one array per input name)")
-            arrays = {inputs[0].name: np.load(path, allow_pickle=False)}
-        elif path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as archive:
-                arrays = {name: archive[name] for name in archive.files}
-            if len(inputs) == 1 and len(arrays) == 1:
-                arrays = {inputs[0].name: next(iter(arrays.values()))}
-        else:
-            raise CompressorError(f"calibration data must be a .npy or .npz file, not {path.name}")
-    except (OSError, ValueError) as exc:
-        raise CompressorError(f"cannot read calibration data {path}: {exc}") from exc
-    return check_arrays(arrays, inputs, str(path.name))
+    arrays = read_arrays(path, [inp.name for inp in inputs])
+    if len(inputs) == 1 and len(arrays) == 1:
+        arrays = {inputs[0].name: next(iter(arrays.values()))}
+    return check_arrays(arrays, inputs, Path(path).name)
 
 
 def check_arrays(arrays: dict[str, np.ndarray], inputs: list[onnx.ValueInfoProto], source: str) -> dict[str, np.ndarray]:
