@@ -29,6 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.cifar_resnet56_nofinetune import export_resnet56, top1  # noqa: E402
 from compressor import compress  # noqa: E402
 from compressor.runtime.bench import run_benchmark  # noqa: E402
 from compressor.datasets import load_cifar10, normalize_nchw  # noqa: E402
@@ -49,33 +50,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=None, help="Evaluate on this many test images (default all).")
     parser.add_argument("--bench-runs", type=int, default=30, help="Timed runs per model on cpu:1 (0: no timing).")
     return parser.parse_args(argv)
-
-
-def export_resnet56(checkpoint: Path, path: Path) -> None:
-    """The checkpoint as ONNX: input 'input' [batch, 3, 32, 32], output 'logits' [batch, 10]."""
-    import torch
-
-    from compressor.training.models import cifar_resnet, load_cifar_resnet_checkpoint
-
-    model = cifar_resnet("resnet56")
-    load_cifar_resnet_checkpoint(model, checkpoint)
-    model.eval()
-    torch.onnx.export(model, torch.zeros(1, 3, 32, 32), str(path), dynamo=False, input_names=["input"],
-                      output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-
-
-def top1(model_path: Path, images: np.ndarray, labels: np.ndarray, batch: int = 250) -> float:
-    """Top-1 accuracy (%) with ONNX Runtime on the CPU, all graph optimizations (the int8 fusions included)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-    correct = 0
-    for start in range(0, len(labels), batch):
-        logits = session.run(None, {"input": images[start:start + batch]})[0]
-        correct += int((logits.argmax(axis=1) == labels[start:start + batch]).sum())
-    return 100.0 * correct / len(labels)
 
 
 def main(argv=None) -> None:
@@ -103,7 +77,7 @@ def main(argv=None) -> None:
             result = compress(source, method=method, ratio=ratio, round_to=args.round_to, precision=precision,
                               precision_calib=calib if precision == "int8" else None)
             result.save(path)
-            accuracy = top1(path, test_x, test_y)
+            accuracy = top1(path.read_bytes(), test_x, test_y, 250)
             agreement = result.report.get("precision", {})
             flags = ["--method", method] + ([] if ratio is None else ["--ratio", str(ratio)])
             flags += ["--round-to", str(args.round_to)] if args.round_to > 1 and ratio is not None else []
