@@ -15,14 +15,12 @@ recovery_resnet56.md and .json to --out.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
 import shlex
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -53,17 +51,19 @@ IMPORTANCE_SUITE = [(f"{kind}{'+refit' if refit else ''}", True, refit,
 IMPORTANCE_SUITE += [("obs blend 0.5+refit", True, True, {"calib_allocation": "method", "calib_blend": "0.5"})]
 
 
-def extract_calibration_images(tarball: Path, folder: Path, count: int, seed: int = 0) -> None:
+def extract_calibration_images(data_dir: Path, folder: Path, count: int, seed: int = 0) -> None:
     """A seeded subset of `count` train JPEGs (sorted member names, rng(seed) permutation), bytes as stored."""
+    from compressor.datasets import cifar10_members
+
     if folder.is_dir() and sum(1 for _ in folder.rglob("*.jpg")) == count:
         return
-    with tarfile.open(tarball, "r:xz") as tar:
-        members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.endswith(".jpg")), key=lambda m: m.name)
-        chosen = np.sort(np.random.default_rng(seed).permutation(len(members))[:count])
-        for i in chosen.tolist():
-            target = folder / Path(members[i].name).relative_to("train")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(tar.extractfile(members[i]).read())
+    members = cifar10_members(data_dir, "train")
+    chosen = np.sort(np.random.default_rng(seed).permutation(len(members))[:count])
+    for i in chosen.tolist():
+        name, _, data = members[i]
+        target = folder / Path(name).relative_to("train")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
 
 
 def row_command(method: str, ratio: float, calib: bool, reconstruct: bool, options: dict) -> str:
@@ -210,7 +210,7 @@ def main() -> None:
     source, calib = work / "resnet56.onnx", work / "calib"
     if not source.is_file():
         export_resnet56(args.models / CHECKPOINT, source)
-    extract_calibration_images(args.data / "cifar10-train.tar.xz", calib, 1024)
+    extract_calibration_images(args.data, calib, 1024)
     cached = work / f"test_{args.limit or 'all'}.npz"
     if not cached.is_file():
         x, y = load_cifar10(args.data, "test", limit=args.limit)
