@@ -16,16 +16,10 @@ import onnx
 
 from compressor.calibration.data import read_arrays
 from compressor.errors import CompressorError
-from compressor.runtime.inputs import ONNX_TO_NUMPY, random_inputs
+from compressor.runtime.inputs import ONNX_TO_NUMPY, graph_inputs, random_inputs
 
 Feed = dict[str, np.ndarray]
 DEFAULT_BATCH = 32
-
-
-def model_inputs(proto: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    """The graph inputs a caller feeds (initializers excluded)."""
-    initializers = {init.name for init in proto.graph.initializer}
-    return [inp for inp in proto.graph.input if inp.name not in initializers]
 
 
 def load_feed_arrays(path: str | os.PathLike, proto: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -35,7 +29,7 @@ def load_feed_arrays(path: str | os.PathLike, proto: onnx.ModelProto) -> dict[st
     Arrays are batch first and are cast to the input's element type; a rank or fixed-dimension mismatch with the
     model's inputs is a CompressorError.
     """
-    inputs = model_inputs(proto)
+    inputs = graph_inputs(proto)
     arrays = read_arrays(path, [inp.name for inp in inputs])
     if len(inputs) == 1 and len(arrays) == 1:
         arrays = {inputs[0].name: next(iter(arrays.values()))}
@@ -70,7 +64,7 @@ def check_arrays(arrays: dict[str, np.ndarray], inputs: list[onnx.ValueInfoProto
 def fixed_batch(proto: onnx.ModelProto) -> int | None:
     """The model's fixed first dimension when all inputs declare one, else None (dynamic batch)."""
     firsts = set()
-    for inp in model_inputs(proto):
+    for inp in graph_inputs(proto):
         dims = inp.type.tensor_type.shape.dim
         firsts.add(dims[0].dim_value if dims and dims[0].HasField("dim_value") else None)
     return firsts.pop() if len(firsts) == 1 and None not in firsts else None
@@ -134,7 +128,7 @@ def as_feeds(source, proto: onnx.ModelProto, batch: int = DEFAULT_BATCH) -> Feed
     else:
         batches: Iterable[Feed] = source.batches(batch) if hasattr(source, "batches") and callable(source.batches) \
             else source
-        inputs = model_inputs(proto)
+        inputs = graph_inputs(proto)
         feeds = Feeds([check_arrays(dict(feed), inputs, "calibration batch") for feed in batches])
     size = fixed_batch(proto)
     if size is not None and any(len(next(iter(f.values()))) != size for f in feeds):

@@ -16,6 +16,7 @@ from pathlib import Path
 import onnx
 
 from compressor.errors import CompressorError
+from compressor.runtime.inputs import graph_inputs
 
 PLATFORM = "onnxruntime_onnx"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]+$")
@@ -63,11 +64,6 @@ def model_config_module():
     return module
 
 
-def _fed(proto: onnx.ModelProto, values) -> list[onnx.ValueInfoProto]:
-    initializers = {init.name for init in proto.graph.initializer}
-    return [v for v in values if v.name not in initializers]
-
-
 def _dims(value: onnx.ValueInfoProto) -> list[int]:
     """Declared dims, -1 for dynamic ones."""
     return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1 for d in value.type.tensor_type.shape.dim]
@@ -76,7 +72,7 @@ def _dims(value: onnx.ValueInfoProto) -> list[int]:
 def tensor_entries(proto: onnx.ModelProto, batched: bool) -> dict[str, list[tuple[str, str, list[int]]]]:
     """(name, Triton type, dims) of every fed input and every output; the batch axis is left out when `batched`."""
     entries: dict[str, list[tuple[str, str, list[int]]]] = {"input": [], "output": []}
-    for kind, values in (("input", _fed(proto, proto.graph.input)), ("output", list(proto.graph.output))):
+    for kind, values in (("input", graph_inputs(proto)), ("output", list(proto.graph.output))):
         for value in values:
             elem = value.type.tensor_type.elem_type
             if elem not in TRITON_TYPES:
@@ -95,7 +91,7 @@ def tensor_entries(proto: onnx.ModelProto, batched: bool) -> dict[str, list[tupl
 
 def has_dynamic_batch(proto: onnx.ModelProto) -> bool:
     """True when every fed input and output has a dynamic first axis."""
-    values = _fed(proto, proto.graph.input) + list(proto.graph.output)
+    values = graph_inputs(proto) + list(proto.graph.output)
     return all(_dims(v)[:1] == [-1] for v in values)
 
 
