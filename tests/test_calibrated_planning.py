@@ -19,16 +19,7 @@ from compressor.latency.importance import MeasuredImportance
 from compressor.engine.plan import PlanOptions, baseline_value, target_value
 from compressor.runtime.sessions import cpu_session
 from tests.graphs import GraphBuilder, head
-from tests.test_latency import FAST, fake_ms
-
-
-def dynamic(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model with a dynamic batch axis on its inputs and outputs."""
-    for vi in [*model.graph.input, *model.graph.output]:
-        dim = vi.type.tensor_type.shape.dim[0]
-        dim.ClearField("dim_value")
-        dim.dim_param = "batch"
-    return model
+from tests.test_latency import FAST, dynamic_batch, fake_ms
 
 
 def calib_for(model: onnx.ModelProto, n: int = 64, seed: int = 1) -> CalibrationSet:
@@ -46,7 +37,7 @@ def two_branches(quiet_scale: float = 0.01) -> onnx.ModelProto:
     quiet = b.op("Relu", [b.conv("x", 4, 16)])
     w = b.const((b.rng.standard_normal((8, 16, 3, 3)) * 0.3 * quiet_scale).astype(np.float32))
     out = b.op("Add", [a, b.op("Conv", [quiet, w], pads=[1, 1, 1, 1])])
-    return dynamic(b.model(out))
+    return dynamic_batch(b.model(out))
 
 
 def residual_net(width: int = 16, blocks: int = 3) -> onnx.ModelProto:
@@ -55,7 +46,7 @@ def residual_net(width: int = 16, blocks: int = 3) -> onnx.ModelProto:
     for _ in range(blocks):
         y = b.conv(b.op("Relu", [b.conv(x, width, width)]), width, width)
         x = b.op("Relu", [b.op("Add", [x, y])])
-    return dynamic(b.model(head(b, x, width)))
+    return dynamic_batch(b.model(head(b, x, width)))
 
 
 def producer_group(analysis, fragment: str) -> int:
@@ -105,7 +96,7 @@ def test_obs_finds_a_duplicated_channel_and_the_refit_recovers_the_output():
     w1[6] = w1[2]  # channel 6 duplicates channel 2: removable with no loss once the consumer is refitted
     h = b.op("Relu", [b.op("Conv", ["x", b.const(w1)], pads=[1, 1, 1, 1])])
     out = b.conv(h, 8, 4)
-    model = dynamic(b.model(out))
+    model = dynamic_batch(b.model(out))
     analysis = analyze(model)
     g = producer_group(analysis, "Conv")
     consumers = find_consumers(analysis, [g])

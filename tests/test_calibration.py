@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +13,7 @@ from PIL import Image
 from compressor.calibration import CalibrationOptions, CalibrationSet, load_calibration, stream_tensors
 from compressor.errors import CompressorError
 from compressor.engine.loading import resolve_input_shapes
+from tests.cli_run import run_cli
 from tests.graphs import GraphBuilder, head
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,11 +169,6 @@ def test_bad_calibration_data_gets_one_clear_error(tmp_path, case, message):
         calib = load_calibration(target, chosen, shapes(chosen), options)
         list(calib.batches())
     assert message in str(info.value)
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, env=env, cwd=REPO)
 
 
 @pytest.mark.parametrize("extra, message", [

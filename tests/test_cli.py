@@ -12,6 +12,7 @@ from pathlib import Path
 import onnx
 import pytest
 
+from tests.cli_run import run_cli
 from tests.graphs import GraphBuilder, head
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,11 +24,6 @@ def small_model(path: Path) -> Path:
     x = b.op("Relu", [b.bn(b.conv(x, 16, 16), 16)])
     onnx.save(b.model(head(b, x, 16)), path)
     return path
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, env=env, cwd=REPO)
 
 
 def is_progress(line: str) -> bool:

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +15,7 @@ from compressor.runtime.bench import run_benchmark
 from compressor.runtime.targets import parse_target
 from compressor.deploy import PrecisionOptions, convert_precision, model_precision
 from compressor.deploy.feeds import as_feeds
+from tests.cli_run import run_cli
 from tests.graphs import GraphBuilder, head
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,11 +144,6 @@ def test_calibration_data_errors(tmp_path, resnet20_slim):
     np.savez(good, input=calibration(70))
     feeds = as_feeds(good, model, batch=32)
     assert [len(f["input"]) for f in feeds] == [32, 32, 6] and list(feeds) == list(feeds)  # re-iterable
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, env=env, cwd=REPO)
 
 
 def test_cli_precision_writes_report_and_refusals_write_nothing(tmp_path):

@@ -22,6 +22,7 @@ from compressor.calibration.refit import add_refits_to_reference
 from compressor.engine.plan import Plan
 from compressor.engine.surgery import apply_plan, zeroed_reference
 from compressor.engine.verify import run_outputs, verify
+from tests.cli_run import run_cli
 from tests.graphs import GraphBuilder, head
 from tests.zeroing import zero_structures
 
@@ -153,11 +154,6 @@ def test_zero_structures_with_calib_change_nothing():
     assert result.report["verified"]
     assert result.report["relative_error_vs_original"] <= result.report["relative_tolerance"]
     assert relative_diff(zeroed, result.model, shape) < 1e-5
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, env=env, cwd=REPO)
 
 
 def test_cli_calibrates_resnet20_from_an_image_folder(tmp_path):

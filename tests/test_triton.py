@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,15 +13,11 @@ from google.protobuf import text_format
 from compressor import CompressorError
 from compressor.deploy.triton_config import TritonSettings, model_config_module
 from compressor.deploy.triton_repo import write_triton_repository
+from tests.cli_run import run_cli
 from tests.graphs import GraphBuilder, head
 
 REPO = Path(__file__).resolve().parents[1]
 RESNET20 = REPO / "examples" / "resnet20-cifar10.onnx"
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, env=env, cwd=REPO)
 
 
 def parse_config(path: Path):
