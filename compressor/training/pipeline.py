@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from compressor.errors import CompressorError
+from compressor.files import PendingWrites, write_text
 from compressor.training.amsc import amsc_structure
 from compressor.training.amsc_search import AmscOptions, run_amsc
 from compressor.training.data import DEFAULT_VAL_SIZE, CifarData, load_cifar10_data
@@ -259,8 +260,11 @@ def _write_outputs(job: TrainJob, model: nn.Module, data: CifarData, metrics: di
     prefix = out_prefix(job.out)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"arch": job.model, "num_classes": job.num_classes, "state_dict": state,
-                "val_top1": metrics["val_top1"], "test_top1": metrics["test_top1"]}, prefix.with_name(prefix.name + ".pt"))
+    with PendingWrites() as pending:
+        torch.save({"arch": job.model, "num_classes": job.num_classes, "state_dict": state,
+                    "val_top1": metrics["val_top1"], "test_top1": metrics["test_top1"]},
+                   pending.stage_path(prefix.with_name(prefix.name + ".pt")))
+        pending.commit()
     reference = data.normalize(data.test_images[: job.verify_images]).cpu()
     dynamo = None if job.exporter == "auto" else job.exporter == "dynamo"
     report = export_and_slim(model, prefix, reference, dynamo=dynamo)
@@ -279,7 +283,7 @@ def _write_outputs(job: TrainJob, model: nn.Module, data: CifarData, metrics: di
 
 
 def _write_json(path: Path, metrics: dict) -> None:
-    path.write_text(json.dumps(metrics, indent=2, default=_jsonable) + "\n")
+    write_text(path, json.dumps(metrics, indent=2, default=_jsonable) + "\n")
 
 
 def _jsonable(value):
