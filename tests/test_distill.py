@@ -83,3 +83,17 @@ def test_cli_distill_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert done.value.code != 0 and err[-1].startswith("error:") and "missing.pt" in err[-1]
     assert not any(tmp_path.glob("o*"))
+
+
+def test_train_refuses_outputs_that_overwrite_its_checkpoints(tmp_path):
+    """`-o OUT` writes OUT.pt: with --init OUT.pt (or --distill OUT.pt) that would destroy the input; refused first."""
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "model.pt"
+    torch.save({"state_dict": build_model("resnet8").state_dict()}, checkpoint)
+    before = checkpoint.read_bytes()
+    for job in (TrainJob(model="resnet8", data="unused", out=str(tmp_path / "model"), init=str(checkpoint)),
+                TrainJob(model="resnet8", data="unused", out=str(tmp_path / "model.json"), distill=str(checkpoint))):
+        with pytest.raises(CompressorError, match="inputs are never overwritten"):
+            run_job(job, log=None)
+    assert checkpoint.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from compressor.errors import CompressorError
-from compressor.files import PendingWrites, write_text
+from compressor.files import PendingWrites, check_output_paths, write_text
 from compressor.training.amsc import amsc_structure
 from compressor.training.amsc_search import AmscOptions, run_amsc
 from compressor.training.data import DEFAULT_VAL_SIZE, CifarData, load_cifar10_data
@@ -138,7 +138,10 @@ def run_job(job: TrainJob, data: CifarData | None = None, log: LogFn | None = pr
     training and an empty export section)."""
     job.validate()
     started = time.perf_counter()
-    out_prefix(job.out).parent.mkdir(parents=True, exist_ok=True)
+    prefix = out_prefix(job.out)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    check_output_paths([p for p in (job.init, job.distill if isinstance(job.distill, str) else None) if p],
+                       {f"-o ({suffix})": prefix.with_name(prefix.name + suffix) for suffix in OUT_SUFFIXES})
     ctx = init_distributed(job.device)
     say = _log_to(ctx, log)
     try:
