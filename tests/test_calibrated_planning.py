@@ -193,3 +193,24 @@ def test_probe_of_a_group_runs_only_its_downstream_part_and_measures_what_the_wh
         whole, part = probe.damage(replaced), probe.damage(replaced, g)
         assert whole > 0
         assert abs(part - whole) <= 1e-6 * whole
+
+
+def test_a_model_fixing_batch_one_gets_the_grams_of_its_dynamic_batch_twin():
+    from compressor.calibration.planning import calibration_consumers
+
+    dynamic = residual_net()
+    fixed = onnx.ModelProto.FromString(dynamic.SerializeToString())
+    for vi in [*fixed.graph.input, *fixed.graph.output]:
+        dim = vi.type.tensor_type.shape.dim[0]
+        dim.ClearField("dim_param")
+        dim.dim_value = 1
+    calib = calib_for(dynamic, n=80)
+    grams = []
+    for model in (dynamic, fixed):
+        analysis = analyze(model)
+        groups = [g.index for g in analysis.groups if g.prunable.any()]
+        consumers = calibration_consumers(analysis, calib, groups)
+        grams.append([c.gram for g in groups for c in consumers[g]])
+    assert len(grams[0]) == len(grams[1]) > 0
+    for a, b in zip(*grams):
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
