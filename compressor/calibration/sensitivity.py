@@ -1,8 +1,8 @@
 """Measured sensitivity: how far the model's outputs move on calibration images when one group is thinned or one
 residual block is dropped.
 
-A probe copy of the model takes the weights of every layer reading a probed group's channels as graph inputs, so one
-ONNX Runtime session serves every measurement: thinning group g to k removed units feeds those layers' weights with
+A probe copy of the model takes the weights of every layer reading a probed group's channels as graph inputs, and a
+group's probe runs only the nodes downstream of its layers, from the reference run's tensors at that cut: thinning group g to k removed units feeds those layers' weights with
 the removed channels zeroed (the verification reference's semantics) or, when the reconstruction step will run,
 refitted by least squares on the remaining channels (what reconstruction will leave). Dropping a block runs the
 original with that branch bypassed. The damage is the outputs' squared error relative to their variance, summed over
