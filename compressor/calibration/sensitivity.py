@@ -3,10 +3,11 @@ residual block is dropped.
 
 A probe copy of the model takes the weights of every layer reading a probed group's channels as graph inputs, and a
 group's probe runs only the nodes downstream of its layers, from the reference run's tensors at that cut: thinning
-group g to k removed units feeds those layers' weights with the removed channels zeroed (the verification
-reference's semantics) or, when the reconstruction step will run, refitted by least squares on the remaining channels (what reconstruction will leave). Dropping a block runs the
-original with that branch bypassed. The damage is the outputs' squared error relative to their variance, summed over
-the float outputs, on a fixed subset of the calibration images (`calib_probe_images`, default 128).
+group g to k removed units feeds those layers' weights with the removed channels zeroed (the verification reference's
+semantics) or, when the reconstruction step will run, refitted by least squares on the remaining channels (what
+reconstruction will leave). Dropping a block runs the original with that branch bypassed. The damage is the outputs'
+squared error relative to their variance, summed over the float outputs, on a fixed subset of the calibration images
+(`calib_probe_images`, default 128).
 """
 
 from __future__ import annotations
