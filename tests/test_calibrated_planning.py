@@ -168,3 +168,49 @@ def test_latency_target_with_calibration_on_cpu_runs_end_to_end(monkeypatch, tmp
                                  calib=calib_for(model, 32), method_options={"calib_probe_images": "16"})
     assert result.report["verified"] and result.report["latency"]
     assert result.report["macs_after"] < result.report["macs_before"]
+
+
+def test_probe_of_a_group_runs_only_its_downstream_part_and_measures_what_the_whole_model_does():
+    from compressor.calibration.sensitivity import Probe, zeroed_slices
+
+    model = residual_net()
+    analysis = analyze(model)
+    feeds = list(calib_for(model, n=16).batches(8))
+    groups = [g.index for g in analysis.groups if g.prunable.any()]
+    parts = {g: {p.init for p, _ in analysis.group_slices(g, roles=("in",))} for g in groups}
+    probe = Probe(analysis.proto, feeds, set().union(*parts.values()), parts)
+    assert min(len(probe.cuts[g][0]) for g in groups) < len(analysis.proto.graph.node)  # a later group runs less
+    for g in groups:
+        removed = np.arange(analysis.groups[g].size // 2)
+        replaced = {}
+        for init, slices in zeroed_slices(analysis, g, removed).items():
+            value = probe.weights[init].copy()
+            for axis, hit in slices:
+                index = [slice(None)] * value.ndim
+                index[axis] = hit
+                value[tuple(index)] = 0
+            replaced[init] = value
+        whole, part = probe.damage(replaced), probe.damage(replaced, g)
+        assert whole > 0
+        assert abs(part - whole) <= 1e-6 * whole
+
+
+def test_a_model_fixing_batch_one_gets_the_grams_of_its_dynamic_batch_twin():
+    from compressor.calibration.planning import calibration_consumers
+
+    dynamic = residual_net()
+    fixed = onnx.ModelProto.FromString(dynamic.SerializeToString())
+    for vi in [*fixed.graph.input, *fixed.graph.output]:
+        dim = vi.type.tensor_type.shape.dim[0]
+        dim.ClearField("dim_param")
+        dim.dim_value = 1
+    calib = calib_for(dynamic, n=80)
+    grams = []
+    for model in (dynamic, fixed):
+        analysis = analyze(model)
+        groups = [g.index for g in analysis.groups if g.prunable.any()]
+        consumers = calibration_consumers(analysis, calib, groups)
+        grams.append([c.gram for g in groups for c in consumers[g]])
+    assert len(grams[0]) == len(grams[1]) > 0
+    for a, b in zip(*grams):
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()

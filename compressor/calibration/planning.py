@@ -126,7 +126,9 @@ def calibration_consumers(analysis, calib, groups, progress=None):
         unique = list({id(c): c for cs in consumers.values() for c in cs}.values())
         stream = lambda proto, data, names, consume, size: stream_tensors(  # noqa: E731
             proto, data, names, consume, size, progress, "calibration statistics")
-        accumulate_grams(analysis.proto, unique, calib, stream, batch_size=_batch(analysis, calib))
+        # calibration-sized batches even where the model fixes its batch (TapSession runs those in chunks): the
+        # Grams sample MAX_POSITIONS_PER_BATCH positions per batch, per image only where the batch is one image
+        accumulate_grams(analysis.proto, unique, calib, stream, batch_size=max(1, int(calib.options.batch or 32)))
         _remember(key, consumers)
     return _CACHE[key]
 

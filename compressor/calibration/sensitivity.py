@@ -1,12 +1,13 @@
 """Measured sensitivity: how far the model's outputs move on calibration images when one group is thinned or one
 residual block is dropped.
 
-A probe copy of the model takes the weights of every layer reading a probed group's channels as graph inputs, so one
-ONNX Runtime session serves every measurement: thinning group g to k removed units feeds those layers' weights with
-the removed channels zeroed (the verification reference's semantics) or, when the reconstruction step will run,
-refitted by least squares on the remaining channels (what reconstruction will leave). Dropping a block runs the
-original with that branch bypassed. The damage is the outputs' squared error relative to their variance, summed over
-the float outputs, on a fixed subset of the calibration images (`calib_probe_images`, default 128).
+A probe copy of the model takes the weights of every layer reading a probed group's channels as graph inputs, and a
+group's probe runs only the nodes downstream of its layers, from the reference run's tensors at that cut: thinning
+group g to k removed units feeds those layers' weights with the removed channels zeroed (the verification reference's
+semantics) or, when the reconstruction step will run, refitted by least squares on the remaining channels (what
+reconstruction will leave). Dropping a block runs the original with that branch bypassed. The damage is the outputs'
+squared error relative to their variance, summed over the float outputs, on a fixed subset of the calibration images
+(`calib_probe_images`, default 128).
 """
 
 from __future__ import annotations
@@ -57,9 +58,14 @@ def output_damage(reference: list[np.ndarray], outputs: list[np.ndarray]) -> flo
 
 
 class Probe:
-    """The model with chosen weight initializers turned into inputs, run on fixed feeds."""
+    """The model with chosen weight initializers turned into inputs, run on fixed feeds.
 
-    def __init__(self, proto: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], weight_names: set[str]):
+    With `parts` (key → the weight names one probe changes), a probe of a part runs only the nodes downstream of the
+    layers reading those weights, from the tensors at that cut, cached by the reference run: the other nodes compute
+    exactly what they computed for the reference."""
+
+    def __init__(self, proto: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], weight_names: set[str],
+                 parts: dict[int, set[str]] | None = None):
         probe = onnx.ModelProto()
         probe.CopyFrom(proto)
         graph = probe.graph
@@ -75,18 +81,75 @@ class Probe:
         del graph.initializer[:]
         graph.initializer.extend(kept)
         self.feeds = feeds
+        self.proto = probe
+        self.outputs = [o.name for o in graph.output]
+        nested = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node
+                     for a in n.attribute)
+        self.cuts = {} if nested else {key: downstream_cut(graph, names) for key, names in (parts or {}).items()}
+        sources = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+        tapped = sorted(set().union(set(), *(c[1] for c in self.cuts.values())) - sources - set(self.outputs))
+        graph.output.extend(onnx.ValueInfoProto(name=name) for name in tapped)
         self.session = cpu_session(probe)
-        self.reference = self.run({})
+        runs = [self.session.run(None, {**feed, **self.weights}) for feed in feeds]
+        n = len(self.outputs)
+        self.reference = [np.concatenate([r[i] for r in runs]) for i in range(n)]
+        self.cached = [{**feed, **dict(zip(tapped, r[n:]))} for feed, r in zip(feeds, runs)]
+        del graph.output[n:]
+        self._suffixes: dict[int, tuple] = {}
 
     def run(self, replaced: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Outputs over all feeds, concatenated per output, with `replaced` weights in place."""
         weights = {**self.weights, **{k: v.astype(self.weights[k].dtype) for k, v in replaced.items()}}
-        runs = [self.session.run(None, {**feed, **weights}) for feed in self.feeds]
+        runs = [self.session.run(self.outputs, {**feed, **weights}) for feed in self.feeds]
         return [np.concatenate([r[i] for r in runs]) for i in range(len(runs[0]))]
 
-    def damage(self, replaced: dict[str, np.ndarray]) -> float:
-        """output_damage of the model with `replaced` weights against the unmodified model."""
-        return output_damage(self.reference, self.run(replaced))
+    def damage(self, replaced: dict[str, np.ndarray], part: int | None = None) -> float:
+        """output_damage of the model with `replaced` weights against the unmodified model; with `part` (a key of
+        `parts`), only the nodes downstream of that part's weights run."""
+        if part is None or part not in self.cuts:
+            return output_damage(self.reference, self.run(replaced))
+        session, reads, indices = self._suffix(part)
+        weights = {**self.weights, **{k: v.astype(self.weights[k].dtype) for k, v in replaced.items()}}
+        runs = []
+        for cached in self.cached:
+            values = {**cached, **weights}
+            runs.append(session.run(None, {name: values[name] for name in reads}))
+        outputs = [np.concatenate([r[j] for r in runs]) for j in range(len(indices))]
+        return output_damage([self.reference[i] for i in indices], outputs)
+
+    def _suffix(self, part: int) -> tuple:
+        if part not in self._suffixes:
+            nodes, reads = self.cuts[part]
+            graph = self.proto.graph
+            produced = {o for n in nodes for o in n.output if o}
+            indices = [i for i, name in enumerate(self.outputs) if name in produced]
+            declared = {i.name: i for i in graph.input}
+            sample = self.cached[0]
+            inputs = [declared[name] if name in declared else onnx.helper.make_tensor_value_info(
+                name, onnx.helper.np_dtype_to_tensor_dtype(sample[name].dtype), ["batch", *sample[name].shape[1:]])
+                for name in sorted(reads)]
+            used = {name for n in nodes for name in n.input}
+            suffix = onnx.helper.make_graph(nodes, "suffix", inputs, [graph.output[i] for i in indices],
+                                            [t for t in graph.initializer if t.name in used])
+            model = onnx.helper.make_model(suffix, opset_imports=self.proto.opset_import,
+                                           ir_version=self.proto.ir_version, functions=self.proto.functions)
+            self._suffixes[part] = (cpu_session(model), sorted(reads), indices)
+        return self._suffixes[part]
+
+
+def downstream_cut(graph: onnx.GraphProto, names: set[str]) -> tuple[list, set[str]]:
+    """The nodes that depend on tensors `names` (graph order) and the tensors they read that none of them produce
+    (initializers excluded)."""
+    reached = set(names)
+    nodes = []
+    for node in graph.node:
+        if any(x in reached for x in node.input):
+            nodes.append(node)
+            reached.update(o for o in node.output if o)
+    constants = {t.name for t in graph.initializer}
+    produced = {o for n in nodes for o in n.output if o}
+    reads = {x for n in nodes for x in n.input if x and x not in produced and x not in constants}
+    return nodes, reads
 
 
 def block_damage(analysis, block: int, feeds: list[dict[str, np.ndarray]], reference: list[np.ndarray]) -> float:
@@ -112,8 +175,8 @@ def measure(analysis, groups: list[int], order: dict[int, np.ndarray], consumers
             counts: dict[int, list[int]], blocks: list[int], feeds: list[dict[str, np.ndarray]], refit: bool,
             progress: Callable[[str], None] | None = None) -> Sensitivity:
     """Damage of each group at each of its `counts` (removing the first units of `order[g]`) and of each block."""
-    names = {p.init for g in groups for p in _in_slices(analysis, g)}
-    probe = Probe(analysis.proto, feeds, names)
+    parts = {g: {p.init for p in _in_slices(analysis, g)} | {c.weight for c in consumers.get(g, [])} for g in groups}
+    probe = Probe(analysis.proto, feeds, set().union(set(), *parts.values()), parts)
     result = Sensitivity()
     for step, g in enumerate(groups, start=1):
         if progress:
@@ -133,7 +196,7 @@ def measure(analysis, groups: list[int], order: dict[int, np.ndarray], consumers
                 units = analysis.groups[g].units[removed]
                 for c in consumers.get(g, []):
                     replaced[c.weight] = linear_to_weight(c, refit_linear(c, units), probe.weights[c.weight].shape)
-            damages.append(probe.damage(replaced))
+            damages.append(probe.damage(replaced, g))
         result.counts[g] = np.asarray(counts[g], dtype=np.float64)
         result.damage[g] = np.maximum.accumulate(np.asarray(damages, dtype=np.float64))
     for step, b in enumerate(blocks, start=1):
