@@ -171,7 +171,7 @@ def test_latency_target_with_calibration_on_cpu_runs_end_to_end(monkeypatch, tmp
 
 
 def test_probe_of_a_group_runs_only_its_downstream_part_and_measures_what_the_whole_model_does():
-    from compressor.calibration.sensitivity import Probe, zeroed_slices
+    from compressor.calibration.sensitivity import Probe, zeroed_weights
 
     model = residual_net()
     analysis = analyze(model)
@@ -182,14 +182,7 @@ def test_probe_of_a_group_runs_only_its_downstream_part_and_measures_what_the_wh
     assert min(len(probe.cuts[g][0]) for g in groups) < len(analysis.proto.graph.node)  # a later group runs less
     for g in groups:
         removed = np.arange(analysis.groups[g].size // 2)
-        replaced = {}
-        for init, slices in zeroed_slices(analysis, g, removed).items():
-            value = probe.weights[init].copy()
-            for axis, hit in slices:
-                index = [slice(None)] * value.ndim
-                index[axis] = hit
-                value[tuple(index)] = 0
-            replaced[init] = value
+        replaced = zeroed_weights(analysis, probe.weights, g, removed)
         whole, part = probe.damage(replaced), probe.damage(replaced, g)
         assert whole > 0
         assert abs(part - whole) <= 1e-6 * whole

@@ -171,6 +171,19 @@ def zeroed_slices(analysis, group: int, removed_local: np.ndarray) -> dict[str, 
     return out
 
 
+def zeroed_weights(analysis, weights: dict[str, np.ndarray], group: int, removed: np.ndarray) -> dict[str, np.ndarray]:
+    """Copies of the initializers that `group`'s `removed` units touch, with those slices zeroed."""
+    replaced = {}
+    for init, slices in zeroed_slices(analysis, group, removed).items():
+        value = weights[init].copy()
+        for axis, hit in slices:
+            index = [slice(None)] * value.ndim
+            index[axis] = hit
+            value[tuple(index)] = 0
+        replaced[init] = value
+    return replaced
+
+
 def measure(analysis, groups: list[int], order: dict[int, np.ndarray], consumers: dict[int, list[Consumer]],
             counts: dict[int, list[int]], blocks: list[int], feeds: list[dict[str, np.ndarray]], refit: bool,
             progress: Callable[[str], None] | None = None) -> Sensitivity:
@@ -184,14 +197,7 @@ def measure(analysis, groups: list[int], order: dict[int, np.ndarray], consumers
         damages = []
         for k in counts[g]:
             removed = np.sort(order[g][:k])
-            replaced = {}
-            for init, slices in zeroed_slices(analysis, g, removed).items():
-                value = probe.weights[init].copy()
-                for axis, hit in slices:
-                    index = [slice(None)] * value.ndim
-                    index[axis] = hit
-                    value[tuple(index)] = 0
-                replaced[init] = value
+            replaced = zeroed_weights(analysis, probe.weights, g, removed)
             if refit:
                 units = analysis.groups[g].units[removed]
                 for c in consumers.get(g, []):
