@@ -6,6 +6,7 @@ import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from itertools import islice
 from pathlib import Path
 from typing import Callable
 
@@ -30,6 +31,7 @@ from compressor.engine.surgery import apply_plan, zeroed_reference
 from compressor.engine.verify import check_model, verify
 
 Progress = Callable[[str], None]
+VERIFY_CALIB_SAMPLES = 4  # calibration samples verification adds to its seeded inputs
 
 
 @dataclass
@@ -132,6 +134,8 @@ def compress(model, method: str = "l1", ratio: float | None = 0.5, *, options: P
         with _stage(timings, "calibration data", progress):
             calib_set = open_calibration(calib, analysis, calib_options)
             calib_fit, calib_held = split_held_out(calib_set)
+            if inputs is None:  # verification also runs on a few real samples, held out when there are any
+                inputs = list(islice((calib_held or calib_fit).batches(1), VERIFY_CALIB_SAMPLES))
     with _stage(timings, "plan", progress):
         calibrated = calib_fit is not None and not entry.exact
         measured = measured_importance(analysis, method, options, calib_fit, reconstruct is not False, progress) \

@@ -215,6 +215,19 @@ def test_float64_arrays_are_cast_for_the_model():
     assert result.report["verified"] and result.report["calibration"]["samples"] == 24
 
 
+def test_verification_also_runs_on_real_calibration_samples():
+    """With --calib, verification compares result and reference on a few calibration samples besides its seeded
+    random inputs (issue 10: real inputs when the user provides them)."""
+    import compressor
+
+    data = np.random.default_rng(1).standard_normal((24, 3, 8, 8)).astype(np.float32)
+    result = compressor.compress(image_model(), method="l1", ratio=0.5, calib=CalibrationSet.from_arrays({"x": data}))
+    assert result.report["verified"]
+    held_out = result.report["calibration"]["held_out_samples"]
+    assert held_out == 3
+    assert result.report["verification_inputs"] == {"seeded_random": 2, "caller": held_out}
+
+
 def test_int8_takes_its_ranges_from_the_calibration_data():
     import compressor
 
