@@ -2,22 +2,22 @@
 benchmarks/accuracy_rows.py), run as parallel processes on the one GPU (each with the data resident on it), each
 writing its JSON as soon as it finishes; a time guard stops cleanly and keeps what finished.
 
-  stage-a  the strong baseline (83 epochs from the published checkpoint; or --baseline PT: evaluated and exported),
-           alone, then the rows from it in parallel, in priority order, as many as fit in --time-limit (latency-aware
-           rows are left for stage B, whose GPU is quiet at the start while they measure their latency tables).
+  stage-a  the strong baseline (83 epochs from the published checkpoint on all 50k train images; or --baseline PT:
+           evaluated and exported), alone, then the rows from it in parallel, in priority order, as many as fit in
+           --time-limit (latency-aware rows only with --plan-latency: first, each alone until its plan is made).
            $OUT: rows_a.json, log_a.txt, logs_a.tar.gz, baseline.pt, slim_a_N.tar (the rows' slim ONNX).
-  stage-b  --from DIR (stage A's files, carried): the rows that did not fit (latency-aware first, each alone until its
-           plan is made; only those of the first one's target), then ONNX Runtime latency of every slim
-           ONNX (baseline first, interleaved; cuda b1 + b128 with the CUDA EP, cpu:1 b1), the table and the plot.
-           $OUT: accuracy_at_speed.{json,md,png}, rows_b.json, log_b.txt, logs_b.tar.gz.
-  report   --from DIR: rebuild accuracy_at_speed.{md,png} from accuracy_at_speed.json (here, after the GPU runs).
+  stage-b  --from DIR[,DIR...] (stage A folders; the first holds the trained baseline): the rows that did not fit
+           (--rows none: none), then ONNX Runtime latency of every slim ONNX (baseline first, interleaved; cuda b1 +
+           b128 with the CUDA EP, cpu:1 b1), the table and the plot.
+           $OUT: accuracy_at_speed.json (the issue's list of rows), accuracy_at_speed_run.json (machine, skipped
+           rows, settings), accuracy_at_speed.{md,png}, rows_b.json, log_b.txt, logs_b.tar.gz.
+  report   --from DIR: rebuild accuracy_at_speed.{md,png} from accuracy_at_speed.json (+ _run.json), here.
 
-GPU (H200), stage A then stage B (carry runs/accuracy_a, the files of stage A):
-  source .device/base/setup.sh && python3 benchmarks/accuracy_at_speed.py stage-a --data .device/base/data \\
-      --models .device/base/models --out $OUT --time-limit 540
-  source .device/base/setup.sh && python3 benchmarks/accuracy_at_speed.py stage-b --data .device/base/data \\
-      --from runs/accuracy_a --out $OUT --time-limit 540
-CPU smoke (here): add --device cpu --latency-device cpu:1 --limit 512 --epochs 1 --baseline-epochs 1 --rows 2.
+Two GPUs, three calls (the exact commands of a run are in its results Markdown):
+  1. GPU 0: stage-a --rows none (the baseline alone).
+  2. GPU 0 and GPU 1: stage-a --baseline BASELINE.pt --rows ... (one driver per GPU, --plan-latency on one).
+  3. more stage-a drivers for the rows left, then stage-b --from A,B0,B1,... --rows none (timing, table, plot).
+CPU smoke (here): --device cpu --latency-device cpu:1 --limit 512 --epochs 1 --baseline-epochs 1 --rows 2.
 """
 
 from __future__ import annotations
@@ -69,7 +69,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", default=None, help="folder with cifar10-{train,test}.tar.xz")
     p.add_argument("--models", default=None, help="folder holding resnet56-*.th (stage A without --baseline)")
     p.add_argument("--baseline", default=None, help="stage A: an existing baseline .pt (skips the 83 epochs)")
-    p.add_argument("--from", dest="source", default=None, help="stage B / report: the folder of stage A's files")
+    p.add_argument("--from", dest="source", default=None,
+                   help="stage B / report: the folder(s) of stage A's files, comma-separated (the first holds the "
+                        "trained baseline; later folders' baseline rows are ignored)")
+    p.add_argument("--plan-latency", action="store_true",
+                   help="stage A: run the latency-aware rows too (first, each alone until its plan is made)")
     p.add_argument("--out", required=True)
     p.add_argument("--work", default=None, help="checkpoints, ONNX files and row logs [a temp dir]")
     p.add_argument("--rows", default="all", help="comma-separated row names, 'all', or a number N (the first N)")
@@ -87,6 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def chosen_rows(args: argparse.Namespace) -> list[Row]:
     """--rows as Row objects in priority order."""
+    if args.rows == "none":
+        return []
     if args.rows.isdigit():
         return list(ROWS[: int(args.rows)])
     return select_rows(args.rows)
@@ -164,7 +170,8 @@ class Pool:
         n = len(self.running)
         observed = any(p.last_epoch() for p in self.running)
         epoch = self.epoch_seconds() * ((n + 1) / n if observed else 1.0)
-        need = max([self.remaining_epochs(p) for p in self.running] + [self.args.epochs + row.extra_epochs]) * epoch
+        need = max([self.remaining_epochs(p) for p in self.running]
+                   + [row.finetune_epochs(self.args.epochs) + row.extra_epochs]) * epoch
         return time.monotonic() + need + self.STARTUP + self.EXPORT <= self.deadline
 
     def settled(self) -> bool:
@@ -219,7 +226,8 @@ class Pool:
                         queue.clear()
                     break
                 queue.remove(row)
-                proc = Proc(row.name, argv_of(row), self.work, self.log, self.args.epochs, row.extra_epochs)
+                proc = Proc(row.name, argv_of(row), self.work, self.log, row.finetune_epochs(self.args.epochs),
+                             row.extra_epochs)
                 self.running.append(proc)
                 if row.plans_latency:
                     self.wait_for(proc, PLAN_LINE, 240.0)
@@ -316,7 +324,8 @@ def stage_a(args: argparse.Namespace, out: Path, work: Path, log: Log) -> dict:
     pool.alone_epoch = sorted(h["seconds"] for h in history)[len(history) // 2] if history else None
     shutil.copy(baseline, out / "baseline.pt")
     pool.run(chosen_rows(args), lambda row: row_argv(row, baseline, str(work / row.name), args.epochs, args.data,
-                                                      args.device, args.limit, args.latency_device), plan_latency=False)
+                                                      args.device, args.limit, args.latency_device),
+             plan_latency=args.plan_latency)
     packed["skipped"] = pool.skipped
     packed["slim_parts"] = pack_slim_models({r["name"]: r for r in packed["rows"]}, work, out, "slim_a")
     write_json(rows_path, packed)
@@ -325,10 +334,16 @@ def stage_a(args: argparse.Namespace, out: Path, work: Path, log: Log) -> dict:
 
 
 def stage_b(args: argparse.Namespace, out: Path, work: Path, log: Log) -> dict:
-    source = Path(args.source)
-    earlier = load_rows(source / "rows_a.json")
-    unpack(source, work)
-    baseline = str(source / "baseline.pt")
+    sources = [Path(s) for s in args.source.split(",") if s]
+    earlier: dict[str, dict] = {}
+    stage_a_files = []
+    for source in sources:  # the first folder's rows win (its baseline row is the trained one)
+        for name, row in load_rows(source / "rows_a.json").items():
+            earlier.setdefault(name, row)
+        unpack(source, work)
+        if (source / "rows_a.json").is_file():
+            stage_a_files.append(json.loads((source / "rows_a.json").read_text()))
+    baseline = str(next(s / "baseline.pt" for s in sources if (s / "baseline.pt").is_file()))
     packed: dict = {"stage": "b", "settings": vars(args), "rows": [], "skipped": {}}
 
     def on_row(name: str, metrics: dict) -> None:
@@ -352,13 +367,30 @@ def stage_b(args: argparse.Namespace, out: Path, work: Path, log: Log) -> dict:
     latency = measure_latency(models, args.latency_runs, log)
     for r in rows:
         r["latency_ms"] = latency.get(r["name"], r["latency_ms"])
-    stage_a = json.loads((source / "rows_a.json").read_text()) if (source / "rows_a.json").is_file() else {}
     done = {r["name"] for r in rows}
-    skipped = {k: v for k, v in {**stage_a.get("skipped", {}), **packed["skipped"]}.items() if k not in done}
-    final = {"rows": rows, "skipped": skipped, "machine": machine(), "stage_a_settings": stage_a.get("settings")}
-    write_json(out / f"{NAME}.json", final)
-    write_report(final, out)
-    return final
+    skipped = {}
+    for files in stage_a_files + [packed]:
+        skipped.update({k: v for k, v in files.get("skipped", {}).items() if k not in done})
+    run = {"machine": machine(), "skipped": skipped, "stage_a_settings": [f.get("settings") for f in stage_a_files],
+           "stage_b_settings": vars(args)}
+    write_json(out / f"{NAME}.json", issue_rows(rows))
+    write_json(out / f"{NAME}_run.json", run)
+    write_report(rows, run, out)
+    return {"rows": rows, "skipped": skipped}
+
+
+ISSUE_KEYS = ("name", "test_top1", "macs_reduction", "latency_ms", "baseline", "epochs", "command")
+
+
+def issue_rows(rows: list[dict]) -> list[dict]:
+    """The issue's JSON: a list of rows with its keys, everything else the driver recorded under "details"."""
+    return [{**{k: r.get(k) for k in ISSUE_KEYS}, "details": {k: v for k, v in r.items() if k not in ISSUE_KEYS}}
+            for r in rows]
+
+
+def flat_rows(rows: list[dict]) -> list[dict]:
+    """The driver's row summaries back from the issue's JSON."""
+    return [{**r.get("details", {}), **{k: v for k, v in r.items() if k != "details"}} for r in rows]
 
 
 def measure_latency(models: dict[str, str], runs: int, log: Log) -> dict[str, dict]:
@@ -398,16 +430,16 @@ def machine() -> dict:
     return info
 
 
-def write_report(final: dict, out: Path) -> None:
+def write_report(rows: list[dict], run: dict, out: Path) -> None:
     """accuracy_at_speed.md and .png from the final rows."""
     header = [f"# CIFAR-10 (JPEG) ResNet-56: accuracy at speed (issue 12)", "",
-              f"Machine: {final.get('machine')}. Latency: ONNX Runtime p50 of each row's slim ONNX, all rows timed in "
+              f"Machine: {run.get('machine')}. Latency: ONNX Runtime p50 of each row's slim ONNX, all rows timed in "
               "one call, interleaved (compressor.runtime.bench; cuda with IOBinding, cpu:1 in a fresh process per "
               "model). Pareto plot: accuracy_at_speed.png.",
-              "", "Skipped: " + ("; ".join(f"{k}: {v}" for k, v in final.get("skipped", {}).items()) or "none")]
-    (out / f"{NAME}.md").write_text(markdown(final["rows"], header))
+              "", "Skipped: " + ("; ".join(f"{k}: {v}" for k, v in run.get("skipped", {}).items()) or "none")]
+    (out / f"{NAME}.md").write_text(markdown(rows, header))
     try:
-        pareto_plot(final["rows"], out / f"{NAME}.png")
+        pareto_plot(rows, out / f"{NAME}.png")
     except ImportError:
         print("matplotlib missing: no plot (run the report stage where it is installed)", flush=True)
 
@@ -417,8 +449,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.stage == "report":
-        final = json.loads((Path(args.source or out) / f"{NAME}.json").read_text())
-        write_report(final, out)
+        source = Path(args.source or out)
+        rows = flat_rows(json.loads((source / f"{NAME}.json").read_text()))
+        run_path = source / f"{NAME}_run.json"
+        write_report(rows, json.loads(run_path.read_text()) if run_path.is_file() else {}, out)
         return 0
     if not args.data or (args.stage == "stage-b" and not args.source):
         raise SystemExit("--data is required (and --from for stage-b)")

@@ -26,6 +26,13 @@ class Row:
     kd: bool
     extra_epochs: int = 0  # sparse-phase epochs (AMSC trials, GSM), for the time estimate
     plans_latency: bool = False  # its --prune plan measures latency on the GPU: run it before the others start
+    epochs: int | None = None  # its own fine-tune epochs (the budget-curve rows); None: the common budget
+    needs_val: bool = False  # its search judges trials on the held-out validation split (AMSC)
+    recipe: tuple[str, ...] = ()  # fine-tune options that replace the common ones (e.g. OneCycle)
+
+    def finetune_epochs(self, common: int) -> int:
+        """Its fine-tune epochs: its own budget, else the common one."""
+        return self.epochs or common
 
 
 def _amsc(dims: str = "both", weights: str = "adaptive", *more: str) -> tuple[str, ...]:
@@ -46,34 +53,45 @@ def _latency(batch: int) -> tuple[str, ...]:
             "--latency-batch", str(batch), "--round-to", "8", "--profile-budget", "30")
 
 
+CALIB = ("--calib-count", "512")  # the plan measured on 512 training images (calibrated planning, issue 15)
+ONECYCLE = ("--schedule", "onecycle", "--lr", "0.1")
+VAL_SIZE = 5000  # train images held out for the rows that judge on validation (AMSC); the others train on all 50k
 AMSC_ONE, AMSC_TWO = 24, 45  # epochs of a one-stage / two-stage lambda search (trials x (2 sparse + 1 recovery))
 ROWS: tuple[Row, ...] = (
     Row("baseline-ft", "baseline + the rows' fine-tune", (), False),
     Row("gsm-kd", "GSM structured + KD", GSM, True, 6),
-    Row("amsc-depth-kd", "AMSC depth-only (λ0 alone) + KD", _amsc("depth-only"), True, AMSC_ONE),
-    Row("latency-b128-kd", "latency-aware l1 (cuda b128, 50%) + KD", _latency(128), True, 0, True),
+    Row("calib-l1-kd", "L1 mask, calibrated plan + KD", _mask("l1", *CALIB), True),
+    Row("latency-b128-calib-kd", "latency-aware l1, calibrated plan (cuda b128, 50%) + KD", _latency(128) + CALIB, True,
+        0, True),
+    Row("amsc-depth-kd", "AMSC depth-only (λ0 alone) + KD", _amsc("depth-only"), True, AMSC_ONE, needs_val=True),
     Row("l1-kd", "L1 mask + KD", _mask("l1"), True),
-    Row("gsm", "GSM structured", GSM, False, 6),
-    Row("amsc-kd", "AMSC depth + width + KD", _amsc(), True, AMSC_TWO),
-    Row("amsc-depth", "AMSC depth-only", _amsc("depth-only"), False, AMSC_ONE),
     Row("baseline-ft-kd", "baseline + the rows' fine-tune + KD (self-distillation)", (), True),
+    Row("gsm-kd-onecycle", "GSM structured + KD, OneCycle lr 0.1 fine-tune", GSM, True, 6, recipe=ONECYCLE),
+    Row("gsm", "GSM structured", GSM, False, 6),
+    Row("amsc-depth", "AMSC depth-only", _amsc("depth-only"), False, AMSC_ONE, needs_val=True),
     Row("l1", "L1 mask", _mask("l1"), False),
-    Row("amsc", "AMSC depth + width", _amsc(), False, AMSC_TWO),
+    Row("amsc-kd", "AMSC depth + width + KD", _amsc(), True, AMSC_TWO, needs_val=True),
     Row("graph-rw-kd", "graph-rw mask (spec) + KD", _mask("graph-rw"), True),
     Row("graph-rw-norm-kd", "graph-rw scale-invariant + KD", _mask("graph-rw", "--method-option", "rw_normalize=true"), True),
-    Row("latency-b128", "latency-aware l1 (cuda b128, 50%)", _latency(128), False, 0, True),
+    Row("graph-rw-data-kd", "graph-rw over calibration feature maps + KD",
+        _mask("graph-rw", *CALIB, "--method-option", "rw_features=calib"), True),
+    Row("latency-b128-kd", "latency-aware l1 (cuda b128, 50%) + KD", _latency(128), True, 0, True),
+    Row("amsc-width-kd", "AMSC width-only (λ1 alone) + KD", _amsc("width-only"), True, AMSC_ONE, needs_val=True),
+    Row("amsc-uniform-kd", "AMSC, uniform weights λ(l)=λ(l,j)=1 + KD", _amsc("both", "uniform"), True, AMSC_TWO,
+        needs_val=True),
+    Row("amsc-reverse-kd", "AMSC, reverse weights + KD", _amsc("both", "reverse"), True, AMSC_TWO, needs_val=True),
+    Row("gsm-kd-e120", "GSM structured + KD, 120 epochs (budget curve)", GSM, True, 6, epochs=120),
+    Row("baseline-ft-e120", "baseline + 120 epochs (budget curve)", (), False, epochs=120),
     Row("latency-b1-kd", "latency-aware l1 (cuda b1, 50%) + KD", _latency(1), True, 0, True),
-    Row("amsc-width-kd", "AMSC width-only (λ1 alone) + KD", _amsc("width-only"), True, AMSC_ONE),
-    Row("amsc-uniform-kd", "AMSC, uniform weights λ(l)=λ(l,j)=1 + KD", _amsc("both", "uniform"), True, AMSC_TWO),
-    Row("amsc-reverse-kd", "AMSC, reverse weights + KD", _amsc("both", "reverse"), True, AMSC_TWO),
     Row("amsc-share50-kd", "AMSC depth+width, depth ≤ half the MAC target + KD",
-        _amsc("both", "adaptive", "--depth-share", "0.5"), True, AMSC_TWO),
+        _amsc("both", "adaptive", "--depth-share", "0.5"), True, AMSC_TWO, needs_val=True),
     Row("amsc-recover3-kd", "AMSC depth+width, 3 recovery epochs per trial + KD",
-        _amsc("both", "adaptive", "--recover-epochs", "3"), True, 2 * AMSC_TWO),
+        _amsc("both", "adaptive", "--recover-epochs", "3"), True, 2 * AMSC_TWO, needs_val=True),
     Row("amsc-grid6-kd", "AMSC depth+width, 6-point λ grids + KD",
-        _amsc("both", "adaptive", "--grid-points", "6"), True, AMSC_TWO + 18),
+        _amsc("both", "adaptive", "--grid-points", "6"), True, AMSC_TWO + 18, needs_val=True),
     Row("graph-rw", "graph-rw mask (spec)", _mask("graph-rw"), False),
     Row("graph-rw-norm", "graph-rw scale-invariant", _mask("graph-rw", "--method-option", "rw_normalize=true"), False),
+    Row("latency-b128", "latency-aware l1 (cuda b128, 50%)", _latency(128), False, 0, True),
 )
 ROW_NAMES = tuple(r.name for r in ROWS)
 
@@ -95,14 +113,15 @@ def select_rows(text: str | None) -> list[Row]:
     return [r for r in ROWS if r.name in chosen]
 
 
-def common_options(data: str, device: str, limit: int | None) -> list[str]:
-    """Options every command shares."""
-    return ["--model", "resnet56", "--data", data, "--device", device] + (["--limit", str(limit)] if limit else [])
+def common_options(data: str, device: str, limit: int | None, val_size: int = 0) -> list[str]:
+    """Options every command shares (val_size: train images held out for validation; 0 trains on all of them)."""
+    return (["--model", "resnet56", "--data", data, "--device", device, "--val-size", str(val_size)]
+            + (["--limit", str(limit)] if limit else []))
 
 
 def baseline_argv(init: str, out: str, epochs: int, data: str, device: str, limit: int | None) -> list[str]:
-    """The strong baseline recipe: the published checkpoint fine-tuned with SGD nesterov 0.9, OneCycle to lr 0.1,
-    weight decay 5e-4, batch 256, crop + flip, bf16."""
+    """The strong baseline recipe: the published checkpoint fine-tuned on the whole JPEG train set (no validation
+    hold-out) with SGD nesterov 0.9, OneCycle to lr 0.1, weight decay 5e-4, batch 256, crop + flip, bf16."""
     return common_options(data, device, limit) + ["--init", init, "--epochs", str(epochs), "--batch-size", "256",
                                                   "--lr", "0.1", "--schedule", "onecycle", "--weight-decay", "5e-4",
                                                   "-o", out]
@@ -110,10 +129,14 @@ def baseline_argv(init: str, out: str, epochs: int, data: str, device: str, limi
 
 def row_argv(row: Row, baseline: str, out: str, epochs: int, data: str, device: str, limit: int | None,
              latency_device: str = "cuda") -> list[str]:
-    """A row's `compress train` arguments: fine-tune `epochs` from the baseline (batch 512, cosine from lr 0.05,
-    weight decay 5e-4), with the baseline as the teacher when the row distills."""
-    argv = common_options(data, device, limit) + ["--init", baseline, "--epochs", str(epochs), "--batch-size", "512",
-                                                  "--lr", "0.05", "--schedule", "cosine", "--weight-decay", "5e-4"]
+    """A row's `compress train` arguments: fine-tune `epochs` (or the row's own budget) from the baseline (batch 512,
+    cosine from lr 0.05 unless the row's recipe says otherwise, weight decay 5e-4) on all 50k train images (AMSC
+    rows hold out VAL_SIZE for their search), with the baseline as the teacher when the row distills."""
+    schedule = dict(zip(row.recipe[::2], row.recipe[1::2]))
+    argv = common_options(data, device, limit, VAL_SIZE if row.needs_val else 0)
+    argv += ["--init", baseline, "--epochs", str(row.finetune_epochs(epochs)), "--batch-size", "512",
+             "--lr", schedule.get("--lr", "0.05"), "--schedule", schedule.get("--schedule", "cosine"),
+             "--weight-decay", "5e-4"]
     argv += [o.format(latency_device=latency_device) for o in row.options]
     if row.kd:
         argv += ["--distill", baseline]
@@ -126,13 +149,13 @@ def row_summary(name: str, metrics: dict, finetune_epochs: int) -> dict:
     summary = {"name": name, "label": "baseline (strong recipe)" if row is None else row.label,
                "test_top1": round(metrics["test_top1"], 2), "macs_reduction": round(metrics["macs_reduction"], 4),
                "latency_ms": {"cuda_b1": None, "cuda_b128": None, "cpu1": None}, "baseline": row is None,
-               "epochs": len(metrics.get("history", [])) if row is None else finetune_epochs,
-               "command": metrics.get("command"), "kd": bool(row and row.kd), "val_top1": round(metrics["val_top1"], 2),
+               "epochs": len(metrics.get("history", [])) if row is None else row.finetune_epochs(finetune_epochs),
+               "command": metrics.get("command"), "kd": bool(row and row.kd), "val_top1": _finite(metrics["val_top1"]),
                "init_test_top1": metrics.get("init_test_top1"), "macs_after": metrics["macs_after"],
                "params_after": metrics["params_after"], "blocks_removed": metrics["blocks_removed"],
                "filters_removed": metrics["filters_removed"], "seconds": metrics.get("seconds"),
                "slim_check": metrics["export"]["slim_check"], "slim_onnx": Path(metrics["export"]["slim_onnx"]).name,
-               "history_val_top1": [h.get("val_top1") for h in metrics.get("history", [])]}
+               "history_val_top1": [_finite(h.get("val_top1")) for h in metrics.get("history", [])]}
     if "gsm" in metrics:
         summary["gsm_before_finetune"] = {"val_top1": metrics.get("gsm_val_top1"), "test_top1": metrics.get("gsm_test_top1")}
     if "amsc" in metrics:
@@ -147,6 +170,11 @@ def row_summary(name: str, metrics: dict, finetune_epochs: int) -> dict:
         if isinstance(plan.get("latency"), dict):
             summary["plan"]["latency"] = {k: v for k, v in plan["latency"].items() if isinstance(v, (int, float, str))}
     return summary
+
+
+def _finite(value) -> float | None:
+    """A float rounded to 2 places, None for NaN (no validation split) or a missing value: the JSON stays standard."""
+    return None if value is None or not math.isfinite(value) else round(value, 2)
 
 
 def _fmt(value, spec: str) -> str:
