@@ -149,7 +149,7 @@ def compress(
     shapes = parse_input_shapes(input_shape)
     precision_options = build_precision_options(exclude_quant, keep_io_types, int8_activations, precision_max_error,
                                                 precision_min_agreement)
-    check_ship_paths(model, output, precision, precision_calib, triton_repo)
+    check_ship_paths(model, output, precision, precision_calib, triton_repo, data=calib)
     plan_options, latency = compress_options(ratio, target=target, round_to=round_to, min_channels=min_channels,
                                              exclude=tuple(exclude), seed=seed, method_options=options, device=device,
                                              batch=batch, latency_ms=latency_ms, profile_budget=profile_budget)

@@ -23,13 +23,14 @@ def build_precision_options(exclude_quant: list[str], keep_io_types: bool, int8_
                             max_relative_error=max_error, min_top1_agreement=min_agreement)
 
 
-def check_ship_paths(model: Path, output: Path, precision: str, calib: Path | None, triton_repo: Path | None) -> None:
+def check_ship_paths(model: Path, output: Path, precision: str, calib: Path | None, triton_repo: Path | None,
+                     data: Path | None = None) -> None:
     """Refuse, before any work, a bad precision request, a missing calibration file, or a Triton repository that
-    would hold or overwrite the input model or the output."""
+    would hold or overwrite the input model or the output; `data` (--calib) also gives int8 its ranges."""
     from compressor.deploy.precision import check_precision_request
     from compressor.deploy.triton_repo import check_repository_target
 
-    check_precision_request(precision, calib is not None)
+    check_precision_request(precision, calib is not None or data is not None)
     if calib is not None and not calib.is_file():
         fail(f"calibration file not found: {calib}")
     if calib is not None and output.exists() and calib.resolve() == output.resolve():

@@ -96,7 +96,7 @@ def compress(model, method: str = "l1", ratio: float | None = 0.5, *, options: P
     seeded random inputs.
     precision="fp16"|"int8" converts the verified fp32 result (compressor.deploy.precision) and reports its agreement
     with fp32 on `precision_calib` (a .npy/.npz path, a calibration set or a list of feed dicts; default: `inputs`),
-    which int8 needs for its activation ranges; with a latency request, fp16 latency is what is measured.
+    which int8 needs for its activation ranges; with a latency request, latency is measured in that precision.
     `calib` (an image folder, a .npy or .npz path, or a CalibrationSet; read with `calib_options`, a
     CalibrationOptions) is calibration data: the plan is calibrated (compressor.calibration.planning), `reconstruct`
     (default: on with calib) refits the layers consuming removed channels, int8 takes its ranges from it unless
@@ -121,7 +121,7 @@ def compress(model, method: str = "l1", ratio: float | None = 0.5, *, options: P
         raise CompressorError(f"compress: give options= or keywords ({', '.join(sorted(keywords))}), not both")
     methods.check_options(method, options.extra, (LATENCY_OPTIONS if latency is not None else ())
                           + (CALIBRATION_OPTIONS if calib is not None else ()))
-    latency = in_precision(latency, precision)
+    latency = in_precision(latency, precision, precision_options)
     if latency is None:
         options.validate(needs_ratio=entry.needs_ratio)
     else:

@@ -241,12 +241,6 @@ def test_latency_tables_are_timed_in_fp16_and_cached_apart_from_fp32(tmp_path, m
     assert timed and all(inputs == {fp32} for _, inputs, _ in timed)
 
 
-def test_latency_target_refuses_int8():
-    with pytest.raises(CompressorError, match="int8 latency tables"):
-        compress(small_classifier(), "l1", 0.5, target="latency", device="cpu:1", precision="int8",
-                 precision_calib=[{"x": np.zeros((1, 4, 8, 8), np.float32)}])
-
-
 def test_a_calibration_set_with_batches_feeds_int8(resnet20_slim):
     class CalibrationSetLike:  # the recovery work's CalibrationSet exposes batches(batch_size) -> feed dicts
         def __init__(self, images):

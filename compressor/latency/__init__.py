@@ -6,7 +6,8 @@
 
 Modules: micro (cost items, micro-models, layer signatures), cache (on-disk table), table (profiling, alignment,
 calibration), importance (method scores made comparable), allocate (the knapsack), planner (the closed loop),
-result (LatencyPlan), paired (side-by-side measurement), check (predicted vs measured).
+result (LatencyPlan), paired (side-by-side measurement), check (predicted vs measured), timed (models converted to
+the request's precision, fp16 or int8, before they are timed).
 """
 
 from compressor.latency.check import check_latency, flag_note

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from compressor.deploy.fp16 import to_fp16
 from compressor.latency.request import LatencyRequest
+from compressor.latency.timed import timing_model
 
 CHECK_WARMUP = {"gpu": 50, "cpu": 3}
 CHECK_RUNS = {"gpu": 300, "cpu": 20}
@@ -39,11 +39,10 @@ def measure_pair(original: onnx.ModelProto, candidate: onnx.ModelProto, request:
                  input_shapes: dict | None = None, warmup: int | None = None, runs: int | None = None
                  ) -> PairMeasurement:
     """Time original and candidate on the request's target and batch (interleaved rounds, bench session options),
-    both converted to the request's precision (fp16: fp32 inputs and outputs, as deployed)."""
+    both converted to the request's precision as deployed (timed.py: fp32 inputs and outputs)."""
     from compressor.runtime.bench import run_benchmark  # only a measuring run loads the benchmark runner
 
-    if request.precision == "fp16":
-        original, candidate = to_fp16(original), to_fp16(candidate)
+    original, candidate = (timing_model(m, request, whole=True, input_shapes=input_shapes) for m in (original, candidate))
 
     kind = "gpu" if request.target.on_gpu else "cpu"
     warmup = request.settings.check_warmup if warmup is None else warmup

@@ -5,11 +5,16 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from compressor.errors import CompressorError
 
+if TYPE_CHECKING:
+    from compressor.deploy.precision import PrecisionOptions
+
 LATENCY_TARGET = "latency"
-LATENCY_PRECISIONS = ("fp32", "fp16")
+LATENCY_PRECISIONS = ("fp32", "fp16", "int8")
+INT8_TYPE_TAGS = {"uint8": "u8", "int8": "s8"}
 
 
 @dataclass(frozen=True)
@@ -57,7 +62,8 @@ class LatencyRequest:
     profile_budget_s: float | None = None
     cache_dir: str | os.PathLike | None = None
     settings: ProfileSettings = field(default_factory=ProfileSettings)
-    precision: str = "fp32"  # fp16: tables, network and candidates are timed as converted fp16 models
+    precision: str = "fp32"  # fp16, int8: tables, network and candidates are timed as converted models (timed.py)
+    conversion: PrecisionOptions | None = None  # int8: the product's conversion settings (None: the defaults)
 
     @property
     def copies(self) -> int:
@@ -65,10 +71,29 @@ class LatencyRequest:
         next launch inside a network and a lone kernel would be timed with its launch in series; else 1."""
         return 3 if self.target.on_gpu and self.batch <= 4 else 1
 
+    def int8_options(self) -> PrecisionOptions:
+        """The int8 conversion settings the timed models are quantized with (the product's)."""
+        from compressor.deploy.precision import PrecisionOptions
+
+        return self.conversion or PrecisionOptions()
+
+    @property
+    def timed_precision(self) -> str:
+        """The precision the models are timed in, with the int8 settings that change the kernels (activation and
+        weight types, per-channel, exclusions): part of the latency cache's context."""
+        if self.precision != "int8":
+            return self.precision
+        options = self.int8_options()
+        tags = (INT8_TYPE_TAGS.get(options.activation_type, options.activation_type),
+                INT8_TYPE_TAGS.get(options.weight_type, options.weight_type))
+        label = f"int8-{''.join(tags)}-{'per-channel' if options.per_channel else 'per-tensor'}"
+        return label + (f"-exclude-{','.join(options.exclude)}" if options.exclude else "")
+
     def to_dict(self) -> dict:
         """JSON-ready form for reports."""
         return {"device": self.target.label, "batch": self.batch, "ratio": None if self.latency_ms else self.ratio,
-                "latency_ms": self.latency_ms, "profile_budget_s": self.profile_budget_s, "precision": self.precision}
+                "latency_ms": self.latency_ms, "profile_budget_s": self.profile_budget_s, "precision": self.precision,
+                "timed_as": self.timed_precision}
 
 
 def resolve_request(target: str, ratio: float | None, device: str | None, batch: int | None, latency_ms: float | None,
@@ -107,12 +132,16 @@ def resolve_request(target: str, ratio: float | None, device: str | None, batch:
                           settings or ProfileSettings())
 
 
-def in_precision(request: LatencyRequest | None, precision: str) -> LatencyRequest | None:
-    """The request for a model deployed in `precision` (fp32 or fp16: its latency tables, network and candidates
-    are timed in it); CompressorError for int8, whose tables are not built."""
-    if request is None or request.precision == precision:
+def in_precision(request: LatencyRequest | None, precision: str, conversion: PrecisionOptions | None = None
+                 ) -> LatencyRequest | None:
+    """The request for a model deployed in `precision` (its latency tables, network and candidates are timed in
+    it; int8 quantized with `conversion`, the product's settings); CompressorError for int8 on a GPU."""
+    if request is None:
         return request
     if precision not in LATENCY_PRECISIONS:
-        raise CompressorError(f"--target latency measures fp32 or fp16 models, not {precision} (int8 latency tables "
-                              "are not built yet: use --target macs with --precision int8)")
-    return replace(request, precision=precision)
+        raise CompressorError(f"--target latency measures {', '.join(LATENCY_PRECISIONS)} models, not {precision}")
+    if precision == "int8" and request.target.on_gpu:
+        raise CompressorError(f"--target latency --precision int8 times int8 models on cpu:T only, not "
+                              f"{request.target.label}: ONNX Runtime's CUDA execution provider does not run QDQ int8 "
+                              "convolutions fast (use --device cpu:T, or --precision fp16 on cuda)")
+    return replace(request, precision=precision, conversion=conversion if precision == "int8" else None)

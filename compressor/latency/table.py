@@ -40,11 +40,11 @@ import numpy as np
 import onnx
 
 from compressor.errors import CompressorError
-from compressor.deploy.fp16 import to_fp16
 from compressor.latency.cache import LatencyCache, context_of
 from compressor.latency.grid import GRID_LEVEL, MAX_GRID_DIMS, ItemTable, fit_fixed_share, level_points, level_widths
 from compressor.latency.micro import CostItem, find_items, micro_model, removed_units, structure_key
 from compressor.latency.request import LatencyRequest, ProfileSettings
+from compressor.latency.timed import timing_model
 
 if TYPE_CHECKING:
     from compressor.engine.analysis import Analysis
@@ -156,10 +156,7 @@ class Profiler:
         if cached is not None:
             return cached
         start = time.perf_counter()
-        if self.request.precision == "fp16":
-            # whole networks (calibration) keep fp32 inputs and outputs as deployed; a micro-model is fp16 throughout,
-            # as the layer is inside an fp16 network (no Cast around it)
-            model = to_fp16(model, keep_io_types=calibration)
+        model = timing_model(model, self.request, whole=calibration, input_shapes=input_shapes)
         ms = measure_ms(model, self.request.target, self.request.batch, self.request.settings, calibration, input_shapes)
         self.measured += 1
         if not calibration:  # the per-measurement estimate of the budget check is about micro-models
@@ -205,7 +202,7 @@ def build_latency_model(analysis: Analysis, floors: dict[int, int], droppable_bl
     floors: the variable groups (whose widths the allocation may change), each with its narrowest allowed width.
     """
     variable_groups = set(floors)
-    cache = LatencyCache(context_of(request.target, request.batch, request.precision), request.cache_dir)
+    cache = LatencyCache(context_of(request.target, request.batch, request.timed_precision), request.cache_dir)
     profiler = Profiler(analysis, request, cache, progress)
     try:
         full_ms, skeleton_ms = _measure_network(profiler, droppable_blocks)

@@ -1,0 +1,60 @@
+"""Models as they are timed: converted to the latency request's precision, with the product's own converters.
+
+fp32 models are timed as they are. fp16: ONNX Runtime's float16 converter (compressor.deploy.fp16), whole networks
+with fp32 inputs and outputs as deployed, micro-models fp16 throughout (a layer inside an fp16 network has no Cast
+around it). int8: the QDQ conversion the product ships (compressor.deploy.int8.to_int8: `quant_pre_process`, then
+`quantize_static`) with the request's activation and weight types, per-channel setting and exclusions. Its
+activation ranges come from seeded random inputs: ranges change the scales and zero points, not the kernels ONNX
+Runtime runs, so they are good enough for timing (the shipped model's ranges still come from the user's
+calibration data). A quantized micro-model takes its input already quantized (the leading QuantizeLinear is
+removed), as the layer inside an int8 network reads the previous layer's int8 output.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import helper
+
+from compressor.latency.request import LatencyRequest
+
+TIMING_SEED = 0  # seed of the random calibration inputs of int8 timing models
+
+
+def timing_model(model: onnx.ModelProto, request: LatencyRequest, whole: bool,
+                 input_shapes: dict | None = None) -> onnx.ModelProto:
+    """`model` in the request's precision, as it is timed: `whole` for a network (fp32 inputs and outputs, as
+    deployed), else a micro-model (reduced precision throughout); input_shapes: the network's analysis shapes
+    (dynamic axes other than the batch), as for the measurement."""
+    if request.precision == "fp16":
+        from compressor.deploy.fp16 import to_fp16
+
+        return to_fp16(model, keep_io_types=whole)
+    if request.precision != "int8":
+        return model
+    from compressor.deploy.int8 import to_int8
+    from compressor.runtime.inputs import input_specs, make_inputs
+
+    conversion = request.int8_options()
+    feeds = [make_inputs(input_specs(model, request.batch, input_shapes), TIMING_SEED)]
+    quantized, _ = to_int8(model, feeds, activation_type=conversion.activation_type,
+                           weight_type=conversion.weight_type, per_channel=conversion.per_channel,
+                           calibrate_method=conversion.calibrate_method, exclude=tuple(conversion.exclude))
+    return quantized if whole else quantized_inputs(quantized)
+
+
+def quantized_inputs(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """`proto` with every graph input that only feeds one QuantizeLinear replaced by that node's (integer) output."""
+    graph = proto.graph
+    zero_points = {init.name: init.data_type for init in graph.initializer}
+    for index, inp in enumerate(list(graph.input)):
+        readers = [n for n in graph.node if inp.name in n.input]
+        if len(readers) != 1 or readers[0].op_type != "QuantizeLinear" or len(readers[0].input) < 3:
+            continue
+        quantize = readers[0]
+        elem_type = zero_points.get(quantize.input[2])
+        if elem_type is None:
+            continue
+        shape = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in inp.type.tensor_type.shape.dim]
+        graph.input[index].CopyFrom(helper.make_tensor_value_info(quantize.output[0], elem_type, shape))
+        graph.node.remove(quantize)
+    return proto
