@@ -157,3 +157,14 @@ def test_cli_refuses_contradicting_options(tmp_path, capsys, args, message):
     assert run_cli(["bench", str(model), "--target", "cpu:1", *args]) not in (0, None)
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1]
+
+
+def test_merged_reports_keep_every_candidate(cuda_on_cpu):
+    from compressor.runtime.report import merge_reports
+
+    parts = [run_benchmark([tiny_cnn(4)], ["cuda"], [batch], warmup=0, runs=2, rounds=1, tune=True, with_cost=False)
+             for batch in (1, 2)]
+    merged = merge_reports(parts)
+    assert [(r["batch"], r["setting"]) for r in merged.tuning] == [(r["batch"], r["setting"]) for p in parts
+                                                                  for r in p.tuning]
+    assert len(merged.to_dict()["best_settings"]) == 2

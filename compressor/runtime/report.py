@@ -252,7 +252,7 @@ def merge_reports(reports: list[BenchReport]) -> BenchReport:
     settings["session_options"] = {k: v for r in reports for k, v in r.settings.get("session_options", {}).items()}
     return BenchReport(models=first.models, measurements=[m for r in reports for m in r.measurements],
                        schedule=[s for r in reports for s in r.schedule], settings=settings,
-                       environment=first.environment)
+                       environment=first.environment, tuning=[t for r in reports for t in r.tuning])
 
 
 _MEMORY_NOTE = ("mem MB: CPU targets: peak RSS of a fresh process holding only that model's session; "
