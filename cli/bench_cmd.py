@@ -31,11 +31,19 @@ def bench(
         None, "--input-shape", help="NAME:1x3x224x224 for dynamic dims other than the batch; repeat per input."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the random inputs."),
+    tune: bool = typer.Option(
+        False, "--tune",
+        help="Time every model under each candidate session setting (CUDA: default, prefer_nhwc=1, CUDA graph, both; "
+             "CPU: only the default exists, so it is kept), check each setting's outputs, and report the fastest "
+             "passing one per model beside the default.",
+    ),
+    strict_fp32: bool = typer.Option(False, "--strict-fp32", help="With --tune on CUDA: use_tf32=0 on every setting."),
 ) -> None:
     """Benchmark ONNX models on CUDA, TensorRT and CPU targets (models interleaved round by round)."""
     import json
 
     from compressor.engine.loading import parse_input_shapes
+    from compressor.errors import CompressorError
     from compressor.files import PendingWrites, check_output_paths
     from compressor.runtime.bench import run_benchmark
     from compressor.runtime.report import plot_report, progress_bar
@@ -44,11 +52,16 @@ def bench(
     check_output_paths(list(models), {"--json": json_path, "--md": md_path, "--plot": plot_path})
     targets = checked_targets(target) if target else default_targets()
     shapes = parse_input_shapes(input_shape)
+    if tune and cuda_graph:
+        raise CompressorError("--tune times CUDA graphs on and off itself: leave out --cuda-graph")
+    if strict_fp32 and not tune:
+        raise CompressorError("--strict-fp32 chooses the settings --tune compares: add --tune")
     if plot_path is not None:
         _check_matplotlib()
     with progress_bar() as progress:
         report = run_benchmark([str(m) for m in models], targets, batch, warmup=warmup, runs=runs, rounds=rounds,
-                               input_shapes=shapes, seed=seed, cuda_graph=cuda_graph, pin=pin, progress=progress)
+                               input_shapes=shapes, seed=seed, cuda_graph=cuda_graph, pin=pin, progress=progress,
+                               tune=tune, strict_fp32=strict_fp32)
     typer.echo(report.to_text())
     with PendingWrites() as pending:
         if json_path is not None:

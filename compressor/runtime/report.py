@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from compressor.errors import CompressorError
+from compressor.runtime.settings_report import best_settings, settings_lines
 
 
 @dataclass
@@ -61,6 +62,9 @@ class Measurement:
     cuda_graph: bool = False
     pinned_cores: list[int] | None = None
     precision: str | None = None
+    setting: str | None = None  # --tune: the candidate session setting (compressor.runtime.settings), else None
+    chosen: bool | None = None  # --tune: the fastest setting of this model that passed its check
+    check: dict[str, Any] | None = None  # --tune: the setting's output check (None: the only candidate)
 
     def percentile_ms(self, q: float) -> float:
         """The q-th percentile (0-100, linear interpolation) of the latency samples."""
@@ -125,6 +129,7 @@ class BenchReport:
     schedule: list[dict[str, Any]] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=dict)
+    tuning: list[dict[str, Any]] = field(default_factory=list)  # --tune: every candidate setting, failed ones too
 
     def cells(self) -> list[tuple[str, int]]:
         """(target, batch) pairs in measurement order."""
@@ -132,7 +137,8 @@ class BenchReport:
 
     def cell(self, target: str, batch: int) -> list[Measurement]:
         """The measurements of one target and batch, in model order."""
-        return sorted((m for m in self.measurements if m.target == target and m.batch == batch), key=lambda m: m.model_index)
+        return sorted((m for m in self.measurements if m.target == target and m.batch == batch),
+                      key=lambda m: (m.model_index, m.setting not in (None, "default")))
 
     def ratios(self) -> list[dict[str, Any]]:
         """Each model against the first one, pair by pair on the same target and batch.
@@ -150,6 +156,7 @@ class BenchReport:
                 paired = [b / o for b, o in zip(base.round_medians_ms, other.round_medians_ms) if o > 0]
                 rows.append({
                     "model": other.model, "baseline": base.model, "target": target, "batch": batch,
+                    "setting": other.setting,
                     "speedup_p50": _ratio(base.p50_ms, other.p50_ms),
                     "paired_speedup": float(np.median(paired)) if paired else None,
                     "throughput_ratio": _ratio(other.throughput, base.throughput),
@@ -163,7 +170,7 @@ class BenchReport:
         """Everything, JSON-able."""
         return {"models": [asdict(m) for m in self.models], "measurements": [m.to_dict() for m in self.measurements],
                 "ratios": self.ratios(), "schedule": self.schedule, "settings": self.settings,
-                "environment": self.environment}
+                "environment": self.environment, "tuning": self.tuning, "best_settings": best_settings(self)}
 
     def save_json(self, path: str | os.PathLike) -> None:
         """Write to_dict() as indented JSON (atomically)."""
@@ -174,14 +181,14 @@ class BenchReport:
     def _table_rows(self) -> tuple[list[str], list[list[str]]]:
         header = ["model", "prec", "target", "batch", "MACs", "params", "p50 ms", "p90 ms", "p99 ms", "img/s (p50)",
                   "speedup (p50)", "MACs x", "mem MB", "create s"]
-        speedups = {(r["model"], r["target"], r["batch"]): r["speedup_p50"] for r in self.ratios()}
+        speedups = {(r["model"], r["target"], r["batch"], r.get("setting")): r["speedup_p50"] for r in self.ratios()}
         rows = []
         for target, batch in self.cells():
             group = self.cell(target, batch)
             base = group[0]
             for m in group:
-                speedup = 1.0 if m.model_index == 0 else speedups.get((m.model, m.target, m.batch))
-                rows.append([m.model, m.precision or "?", m.target, str(m.batch), _human(m.macs), _human(m.params),
+                speedup = 1.0 if m is base else speedups.get((m.model, m.target, m.batch, m.setting))
+                rows.append([m.model + (f" [{m.setting}]{' *' if m.chosen else ''}" if m.setting else ""), m.precision or "?", m.target, str(m.batch), _human(m.macs), _human(m.params),
                              f"{m.p50_ms:.3f}", f"{m.p90_ms:.3f}", f"{m.p99_ms:.3f}", f"{m.throughput:.1f}",
                              _fmt(speedup, 1, 2, suffix="x"), _fmt(_ratio(m.macs, base.macs), 1, 3),
                              _fmt(m.memory_mb, 1, 1), f"{m.session_create_s:.2f}"])
@@ -195,6 +202,8 @@ class BenchReport:
                  for r in [header, *rows]]
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines.append(_MEMORY_NOTE)
+        if self.tuning:
+            lines += ["", *settings_lines(self, markdown=False)]
         return "\n".join(lines)
 
     def to_markdown(self) -> str:
@@ -211,10 +220,13 @@ class BenchReport:
                     "| memory x | size x |",
                     "|---|---|---|---|---|---|---|---|---|---|"]
             for r in ratios:
+                model = r["model"] + (f" [{r['setting']}]" if r.get("setting") else "")
                 cells = [r["speedup_p50"], r["paired_speedup"], r["throughput_ratio"], r["macs_ratio"], r["params_ratio"],
                          r["memory_ratio"], r["size_ratio"]]
-                out.append(f"| {r['model']} | {r['target']} | {r['batch']} | " + " | ".join(_fmt(c, 1, 3) for c in cells) + " |")
+                out.append(f"| {model} | {r['target']} | {r['batch']} | " + " | ".join(_fmt(c, 1, 3) for c in cells) + " |")
             out.append("")
+        if self.tuning:
+            out += ["## Session settings (--tune)", "", *settings_lines(self, markdown=True), ""]
         out += ["## Settings", "", "```json", json.dumps(self.settings, indent=2), "```", "",
                 "## Environment", ""]
         out += [f"- **{key}**: {_flat(value)}" for key, value in self.environment.items()]
@@ -240,7 +252,7 @@ def merge_reports(reports: list[BenchReport]) -> BenchReport:
     settings["session_options"] = {k: v for r in reports for k, v in r.settings.get("session_options", {}).items()}
     return BenchReport(models=first.models, measurements=[m for r in reports for m in r.measurements],
                        schedule=[s for r in reports for s in r.schedule], settings=settings,
-                       environment=first.environment)
+                       environment=first.environment, tuning=[t for r in reports for t in r.tuning])
 
 
 _MEMORY_NOTE = ("mem MB: CPU targets: peak RSS of a fresh process holding only that model's session; "

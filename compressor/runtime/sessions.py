@@ -189,6 +189,13 @@ class SessionRunner:
             self.session.run_with_iobinding(self.binding)
             self.binding.synchronize_outputs()
 
+    def outputs(self) -> list[np.ndarray]:
+        """The outputs of one inference on the runner's inputs (`self.feeds`), copied to the host."""
+        if self.binding is None:
+            return self.session.run(None, self.feeds)
+        self.run_once()
+        return [np.asarray(value) for value in self.binding.copy_outputs_to_cpu()]
+
     def time_runs(self, count: int) -> list[float]:
         """Wall-clock milliseconds of `count` consecutive inferences."""
         samples = []
