@@ -134,6 +134,7 @@ def compress(model, method: str = "l1", ratio: float | None = 0.5, *, options: P
         with _stage(timings, "calibration data", progress):
             calib_set = open_calibration(calib, analysis, calib_options)
             calib_fit, calib_held = split_held_out(calib_set)
+            options = replace(options, calibration=calib_fit)  # for methods that read data (graph-rw rw_features=calib)
             if inputs is None:  # verification also runs on a few real samples, held out when there are any
                 inputs = list(islice((calib_held or calib_fit).batches(1), VERIFY_CALIB_SAMPLES))
     with _stage(timings, "plan", progress):

@@ -7,6 +7,10 @@ Method options (`--method-option KEY=VALUE`), all optional:
 - `calib_allocation`: sensitivity (default) | method (the method's own allocation, with the refined scores);
 - `calib_probe_images`: calibration images the sensitivity is measured on (default: 128, fewer, down to 8, where
   the probe runs would exceed PROBE_MAC_BUDGET multiply-accumulates: a ResNet-50 at 224×224 gets 8).
+
+A method option that makes the method itself data-aware (DATA_AWARE_OPTIONS: graph-rw `rw_features=calib`, whose
+random walk runs on calibration feature maps) implies calib_importance=off and calib_allocation=method, so the
+method's data-aware scores and its own allocation decide; given explicitly, those two keys still win (ablations).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ PROBE_IMAGES = 128
 MIN_PROBE_IMAGES = 8
 PROBE_MAC_BUDGET = 2e12  # probe runs × images × model MACs (CIFAR ResNet-56: 1.75e12 at 128 images)
 _ALIVE: list = []
+DATA_AWARE_OPTIONS = {("rw_features", "calib")}  # (key, value) of method options that make a method read the data
 
 
 @dataclass
@@ -49,6 +54,8 @@ class CalibratedSettings:
 def parse_settings(extra: dict | None) -> CalibratedSettings:
     """calib_* keys of PlanOptions.extra ('-' and '_' interchangeable); a bad value raises CompressorError."""
     s = CalibratedSettings()
+    if data_aware_option(extra):
+        s.importance, s.allocation = "off", "method"
     for raw_key, value in (extra or {}).items():
         key = str(raw_key).replace("-", "_")
         if key == "calib_importance":
@@ -67,6 +74,12 @@ def parse_settings(extra: dict | None) -> CalibratedSettings:
             raise CompressorError(f"unknown calibration option '{raw_key}' (calib_importance, calib_blend, "
                                   "calib_allocation, calib_probe_images)")
     return s
+
+
+def data_aware_option(extra: dict | None) -> str | None:
+    """'key=value' of the method option in `extra` that makes the method read the calibration data, or None."""
+    keys = {str(k).replace("-", "_"): str(v).strip().lower() for k, v in (extra or {}).items()}
+    return next((f"{key}={value}" for key, value in sorted(DATA_AWARE_OPTIONS) if keys.get(key) == value), None)
 
 
 def _number(key: str, value, lo: float, hi: float) -> float:
@@ -105,6 +118,9 @@ def refined_scores(analysis, method, options, calib, settings: CalibratedSetting
     base, note = method_scores(method, analysis, options, groups)
     notes = [note] if note else []
     if settings.importance == "off":
+        if data_aware_option(options.extra):
+            notes.append(f"importance: {method}'s own scores from calibration feature maps "
+                         f"({data_aware_option(options.extra)}, {calib.count} samples)")
         return base, notes
     key = ("data", _fingerprint(analysis, calib), settings.importance, tuple(groups))
     if key not in _CACHE:
@@ -213,9 +229,12 @@ def _method_allocation(analysis, method, options, scores) -> Plan:
 
         opts = graph_rw.parse_graph_rw_options(options.extra)
         if opts.layer_rates == "rmt":
-            _, lis = graph_rw.score_groups(analysis, sorted(scores), opts)
+            notes: list[str] = []
+            _, lis = graph_rw.score_groups(analysis, sorted(scores), opts, options.calibration, notes)
             weights = graph_rw.layer_weights_from_lis(lis)
-            return allocate(analysis, scores, options, layer_weights=weights, r_min=opts.r_min, r_max=opts.r_max)
+            plan = allocate(analysis, scores, options, layer_weights=weights, r_min=opts.r_min, r_max=opts.r_max)
+            plan.notes += notes
+            return plan
     return allocate(analysis, scores, options)
 
 

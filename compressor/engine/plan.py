@@ -27,6 +27,9 @@ class PlanOptions:
     exclude: tuple[str, ...] = ()
     seed: int = 0
     extra: dict = field(default_factory=dict)
+    # calibration samples (a CalibrationSet) for methods that read data (graph-rw rw_features=calib); compress sets
+    # it when it is given calibration data
+    calibration: object = field(default=None, repr=False, compare=False)
 
     def validate(self, needs_ratio: bool = True) -> None:
         """Raise CompressorError for out-of-range options."""

@@ -9,6 +9,13 @@ The regression edges scale as α_ij ~ ||w_i|| / ||w_j||, so the walk drifts towa
 scale-invariant variant (`rw_normalize=true`) scales every filter to unit norm before the regression, so only the
 filters' directions (their linear dependencies) decide.
 
+The data-aware variant (`rw_features=calib`, needs calibration data: `--calib`, or `--calib-count N` on
+`compress train`) builds the same regression, walk and LIS on the channels' calibration feature maps instead of their
+filters (compressor/calibration/features.py: what the consuming layers read, centred, sampled to a bounded length),
+each scaled to unit norm (as rw_normalize does for filters). Groups with a channel no supported layer reads keep
+their weight graph (a note says so). With calibration data the planner then uses these scores and graph-rw's own LIS
+rates (calib_importance=off and calib_allocation=method are implied unless given; calibration/planning.py).
+
 All math below is pure, vectorized float64 numpy on one group's filter matrix W [n filters, d weights].
 """
 
@@ -263,6 +270,7 @@ class GraphRwOptions:
     r_max: float = MAX_RATE  # [rw_r_max]
     tol: float = 1e-10  # [rw_tol] power-iteration tolerance on ||Δπ||₁
     normalize: bool = False  # [rw_normalize] unit-norm filters before the regression (scale-invariant)
+    features: str = "weights"  # [rw_features] weights | calib (the graph over calibration feature maps)
 
 
 _OPTION_FIELDS = {
@@ -275,7 +283,9 @@ _OPTION_FIELDS = {
     "rw_r_max": "r_max",
     "rw_tol": "tol",
     "rw_normalize": "normalize",
+    "rw_features": "features",
 }
+FEATURE_SOURCES = ("weights", "calib")
 _BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
@@ -291,7 +301,7 @@ def parse_graph_rw_options(extra: dict | None) -> GraphRwOptions:
             values[key] = raw
         elif key.startswith("rw_"):
             raise CompressorError(f"unknown graph-rw option '{raw_key}' (known: {', '.join(_OPTION_FIELDS)})")
-    choices = {"edges": EDGE_KINDS, "lis": LIS_MODES, "layer_rates": LAYER_RATE_MODES}
+    choices = {"edges": EDGE_KINDS, "lis": LIS_MODES, "layer_rates": LAYER_RATE_MODES, "features": FEATURE_SOURCES}
     parsed: dict[str, object] = {}
     for key, value in values.items():
         name = _OPTION_FIELDS[key]
@@ -329,19 +339,38 @@ def _as_float(key: str, value: object) -> float:
     return number
 
 
-def score_groups(analysis: Analysis, groups: list[int], opts: GraphRwOptions) -> tuple[dict[int, np.ndarray], dict[int, float]]:
-    """π (per unit) and LIS of each listed group, from analysis.group_filters."""
+def score_groups(analysis: Analysis, groups: list[int], opts: GraphRwOptions, calibration=None,
+                 notes: list[str] | None = None) -> tuple[dict[int, np.ndarray], dict[int, float]]:
+    """π (per unit) and LIS of each listed group, from analysis.group_filters, or with rw_features=calib from the
+    channels' feature maps over `calibration` (a CalibrationSet); `notes` gets what the plan should say about it."""
+    maps: dict = {}
+    if opts.features == "calib":
+        if calibration is None:
+            raise CompressorError("graph-rw rw_features=calib needs calibration data (--calib DATA on compress, "
+                                  "--calib-count N on compress train)")
+        from compressor.calibration.features import group_feature_maps
+
+        maps = group_feature_maps(analysis, groups, calibration)
+        fallback = [g for g in groups if maps.get(g) is None]
+        if notes is not None:
+            notes.append(f"graph-rw: graphs over calibration feature maps ({calibration.count} samples) for "
+                         f"{len(groups) - len(fallback)} groups"
+                         + (f", weights for {len(fallback)} with channels no supported layer reads" if fallback else ""))
     scores, lis = {}, {}
     for g in groups:
-        scores[g], lis[g] = filter_scores(
-            analysis.group_filters(g), opts.edges, opts.damping, opts.rho, opts.tol, opts.lis, opts.normalize
-        )
+        if maps.get(g) is not None:
+            scores[g], lis[g] = filter_scores(maps[g], opts.edges, opts.damping, opts.rho, opts.tol, opts.lis, True)
+        else:
+            scores[g], lis[g] = filter_scores(
+                analysis.group_filters(g), opts.edges, opts.damping, opts.rho, opts.tol, opts.lis, opts.normalize
+            )
     return scores, lis
 
 
 def scores_graph_rw(analysis: Analysis, options: PlanOptions) -> dict[int, np.ndarray]:
     """Random-walk filter scores π of every prunable group (the importance graph-rw prunes by)."""
-    scores, _ = score_groups(analysis, prunable_groups(analysis, options), parse_graph_rw_options(options.extra))
+    scores, _ = score_groups(analysis, prunable_groups(analysis, options), parse_graph_rw_options(options.extra),
+                             options.calibration)
     return scores
 
 
@@ -355,7 +384,8 @@ def plan_graph_rw(analysis: Analysis, options: PlanOptions) -> Plan:
     """
     opts = parse_graph_rw_options(options.extra)
     groups = prunable_groups(analysis, options)
-    scores, lis = score_groups(analysis, groups, opts)
+    notes: list[str] = []
+    scores, lis = score_groups(analysis, groups, opts, options.calibration, notes)
     if opts.layer_rates == "global":
         # π sums to 1 in every group, so π·n has mean 1 everywhere: comparable across groups.
         comparable = {g: scores[g] * analysis.groups[g].size for g in groups}
@@ -368,4 +398,5 @@ def plan_graph_rw(analysis: Analysis, options: PlanOptions) -> Plan:
         plan.group_info.setdefault(g, {}).update(
             {"lis": float(lis[g]), "rate": len(pruned) / analysis.groups[g].size, "pruned": pruned.tolist()}
         )
+    plan.notes += notes
     return plan

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from compressor.errors import CompressorError
-from compressor.training.export import export_onnx, onnxscript_available
+from compressor.training.export import INPUT_NAME, export_onnx, onnxscript_available
 from compressor.training.loop import TrainHooks
 
 
@@ -170,13 +170,26 @@ def zero_masks(model: nn.Module, names: list[str] | None = None) -> ParameterMas
 
 
 def plan_masks(model: nn.Module, method: str, ratio: float, *, image_size: int = 32, workdir: str | Path | None = None,
-               keep_bn: bool | None = None, **compress_options) -> tuple[ParameterMasks, dict]:
+               keep_bn: bool | None = None, calib_images: np.ndarray | None = None,
+               **compress_options) -> tuple[ParameterMasks, dict]:
     """Plan `method` at `ratio` on the model's ONNX export with the engine and map the plan to parameter masks.
 
     keep_bn None: plan on the dynamo export (BN folded, as deployed) when onnxscript is installed, else on the
-    TorchScript export with BN kept. Returns the masks and the engine's report (without per-layer tables).
+    TorchScript export with BN kept. `calib_images` (float32 NCHW, preprocessed as the model reads them): the plan is
+    calibrated on them (compressor.calibration.planning; in memory, no reconstruction: the fine-tune recovers instead,
+    and refitted weights would not map back). Returns the masks and the engine's report (without per-layer tables;
+    with `calib_images`, "calibrated": {"images", "plan_images", "reconstruct"}).
     """
     from compressor.api import compress
+    from compressor.calibration.data import CalibrationSet
+
+    calib = None
+    if calib_images is not None:
+        calib_images = np.ascontiguousarray(calib_images, dtype=np.float32)
+        if calib_images.ndim != 4 or len(calib_images) < 1:
+            raise CompressorError(f"calibration images must be a non-empty N×C×H×W array, got shape {calib_images.shape}")
+        calib = CalibrationSet.from_arrays({INPUT_NAME: calib_images})
+        compress_options = {**compress_options, "calib": calib, "reconstruct": False}
 
     keep_bn = (not onnxscript_available()) if keep_bn is None else keep_bn
     with tempfile.TemporaryDirectory(prefix="compressor-plan-", dir=workdir) as scratch:
@@ -187,6 +200,9 @@ def plan_masks(model: nn.Module, method: str, ratio: float, *, image_size: int =
         result = compress(str(path), method=method, ratio=ratio, verify=False, **compress_options)
     masks, report = masks_from_result(model, result)
     report["plan_export"] = exporter
+    if calib is not None:
+        report["calibrated"] = {"images": int(calib.count), "reconstruct": False,
+                                "plan_images": int(report.get("calibration", {}).get("fit_samples", calib.count))}
     return masks, report
 
 

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -64,6 +65,7 @@ class TrainJob:
     masks: ParameterMasks | None = None  # precomputed masks (e.g. masks_from_result) instead of --prune planning
     plan_report: dict | None = None  # what to report about them
     prune_options: dict = field(default_factory=dict)  # compressor.compress keywords of the --prune plan (target...)
+    calib_count: int = 0  # --prune plan calibrated on this many seeded train images (0: off)
     # the fine-tune distills (compressor.training.distill) from a teacher checkpoint (a path: `--distill TEACHER.pt`)
     # or, with True, from the model as it starts
     distill: str | bool | None = None
@@ -78,6 +80,10 @@ class TrainJob:
             raise CompressorError("precomputed masks are fine-tuned as they are: no --prune and no --method")
         if self.prune and self.method != "none":
             raise CompressorError("--prune plans a mask for plain fine-tuning; it cannot be combined with --method")
+        if self.calib_count < 0:
+            raise CompressorError(f"--calib-count must be 0 (off) or positive, got {self.calib_count}")
+        if self.calib_count and not self.prune:
+            raise CompressorError("--calib-count calibrates the --prune plan: give --prune METHOD too")
         if (self.prune or self.method == "gsm") and self.ratio is None:
             raise CompressorError("--ratio is required with --prune and with --method gsm")
         if self.exporter not in ("auto", "dynamo", "torchscript"):
@@ -206,10 +212,12 @@ def _sparse_phase(job: TrainJob, model: nn.Module, data: CifarData, ctx: DistCon
     if job.masks is not None:
         return job.masks, {"plan": dict(job.plan_report or {})}
     if job.prune:
-        planned = ctx.broadcast_object(plan_masks(model, job.prune, job.ratio, workdir=workdir, **job.prune_options)
-                                       if ctx.is_main else None)
+        calib = calibration_images(data, job.calib_count, job.config.seed) if job.calib_count and ctx.is_main else None
+        planned = ctx.broadcast_object(plan_masks(model, job.prune, job.ratio, workdir=workdir, calib_images=calib,
+                                                  **job.prune_options) if ctx.is_main else None)
         masks, report = planned
-        say(f"prune {job.prune}: plan removes {100 * report['macs_reduction']:.1f}% of MACs")
+        calibrated = f", calibrated on {report['calibrated']['images']} train images" if "calibrated" in report else ""
+        say(f"prune {job.prune}: plan removes {100 * report['macs_reduction']:.1f}% of MACs{calibrated}")
         return masks, {"plan": report}
     if job.method == "amsc":
         amsc = replace(job.amsc, ratio=job.ratio if job.ratio is not None else job.amsc.ratio)
@@ -237,6 +245,15 @@ def _sparse_phase(job: TrainJob, model: nn.Module, data: CifarData, ctx: DistCon
             f"test {report['gsm_test_top1']:.2f}%")
         return masks, report
     return None, {}
+
+
+def calibration_images(data: CifarData, count: int, seed: int = 0) -> np.ndarray:
+    """`count` train images (a subset seeded by `seed`, in index order; all of them when there are fewer),
+    normalized as the model sees them at evaluation (no augmentation), as float32 NCHW on the CPU."""
+    total = len(data.train_labels)
+    index = np.sort(np.random.default_rng(seed).permutation(total)[: min(count, total)])
+    picked = data.train_images[torch.as_tensor(index, device=data.train_images.device)]
+    return data.normalize(picked).cpu().numpy().astype(np.float32)
 
 
 def _filter_masks(model: nn.Module, zero_filters: dict[str, list[int]]) -> ParameterMasks:
