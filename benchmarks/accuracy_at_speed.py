@@ -39,8 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from accuracy_rows import (BASELINE, ROWS, Row, baseline_argv, load_rows, markdown, pareto_plot,  # noqa: E402
-                           row_argv, row_summary, select_rows)
+from accuracy_rows import (BASELINE, ROWS, Row, baseline_argv, latency_target, load_rows, markdown,  # noqa: E402
+                           pareto_plot, row_argv, row_summary, select_rows)
 
 NAME = "accuracy_at_speed"
 PART_BYTES = 15 * 2**20  # slim ONNX tar parts stay under the 16 MiB a returned file may have
@@ -206,7 +206,7 @@ class Pool:
         Only the latency rows of the first one's plan run here (they share its measured latency table, cached on this
         machine); rows planning for another target are left for the next call, which starts on a quiet GPU."""
         planning = [r for r in rows if r.plans_latency]
-        later = [r for r in planning if not plan_latency or r.options != planning[0].options]
+        later = [r for r in planning if not plan_latency or latency_target(r) != latency_target(planning[0])]
         for row in later:
             self.skipped[row.name] = ("latency plan for another target: left for the next call" if plan_latency else
                                       "latency-aware rows plan at the start of stage B, on a quiet GPU")

@@ -105,12 +105,17 @@ def row_by_name(name: str) -> Row:
 
 
 def select_rows(text: str | None) -> list[Row]:
-    """Rows from a comma-separated list ('all' or empty: every row), in priority order."""
+    """Rows from a comma-separated list, in the order given (its priority); 'all' or empty: every row."""
     if not text or text == "all":
         return list(ROWS)
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    chosen = {row_by_name(n).name for n in names}
-    return [r for r in ROWS if r.name in chosen]
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    return [row_by_name(n) for n in names]
+
+
+def latency_target(row: Row) -> tuple[str, ...]:
+    """The (device, batch) a latency-aware row plans for: rows with the same target share one latency table."""
+    options = list(row.options)
+    return tuple(options[options.index(key) + 1] for key in ("--latency-device", "--latency-batch") if key in options)
 
 
 def common_options(data: str, device: str, limit: int | None, val_size: int = 0) -> list[str]:
