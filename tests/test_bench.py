@@ -244,6 +244,37 @@ def test_gpu_path_binds_io_and_measures_device_memory(cuda_on_cpu):
     assert report.settings["session_options"]["cuda:0"]["io_binding"]
 
 
+def test_cuda_graph_session_writes_into_the_bound_outputs_from_its_first_run(cuda_on_cpu, monkeypatch):
+    """A CUDA graph records the buffers of the runs it is made from: the graph session must never run with outputs
+    that ONNX Runtime allocates itself (a plain sibling session learns the output shapes instead)."""
+    created, runs = [], []
+    plain_new_session = sessions.new_session
+
+    def recording_session(model, options, providers):
+        session = plain_new_session(model, options, providers)
+        index = len(created)
+        created.append(session)
+        plain_run = session.run_with_iobinding
+
+        def run(binding, *args):
+            runs.append((index, None if index else [v.data_ptr() for v in binding.get_outputs()]))
+            return plain_run(binding, *args)
+
+        session.run_with_iobinding = run
+        return session
+
+    monkeypatch.setattr(sessions, "new_session", recording_session)
+    model = tiny_cnn(4)
+    runner = sessions.SessionRunner(model.SerializeToString(), Target("cuda"), input_specs(model, 2), seed=1,
+                                    cuda_graph=True)
+    runner.time_runs(2)
+    assert len(created) == 2 and created[0] is runner.session  # the graph session, then the shape learner
+    bound = [v.data_ptr() for v in runner._device_outputs.values()]
+    graph_runs = [ptrs for index, ptrs in runs if index == 0]
+    assert graph_runs and all(ptrs == bound for ptrs in graph_runs)
+    np.testing.assert_allclose(runner.outputs()[0], runner.session.run(None, runner.feeds)[0], rtol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------------------------- CLI
 def run_cli(argv):
     from cli.main import main
