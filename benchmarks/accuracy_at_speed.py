@@ -2,7 +2,7 @@
 benchmarks/accuracy_rows.py), run as parallel processes on the one GPU (each with the data resident on it), each
 writing its JSON as soon as it finishes; a time guard stops cleanly and keeps what finished.
 
-  stage-a  the strong baseline (83 epochs from the published checkpoint on all 50k train images; or --baseline PT:
+  stage-a  the strong baseline (83 epochs from the published checkpoint, 5,000 train images held out; or --baseline PT:
            evaluated and exported), alone, then the rows from it in parallel, in priority order, as many as fit in
            --time-limit (latency-aware rows only with --plan-latency: first, each alone until its plan is made).
            $OUT: rows_a.json, log_a.txt, logs_a.tar.gz, baseline.pt, slim_a_N.tar (the rows' slim ONNX).

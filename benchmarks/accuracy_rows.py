@@ -27,7 +27,6 @@ class Row:
     extra_epochs: int = 0  # sparse-phase epochs (AMSC trials, GSM), for the time estimate
     plans_latency: bool = False  # its --prune plan measures latency on the GPU: run it before the others start
     epochs: int | None = None  # its own fine-tune epochs (the budget-curve rows); None: the common budget
-    needs_val: bool = False  # its search judges trials on the held-out validation split (AMSC)
     recipe: tuple[str, ...] = ()  # fine-tune options that replace the common ones (e.g. OneCycle)
 
     def finetune_epochs(self, common: int) -> int:
@@ -55,7 +54,7 @@ def _latency(batch: int) -> tuple[str, ...]:
 
 CALIB = ("--calib-count", "512")  # the plan measured on 512 training images (calibrated planning, issue 15)
 ONECYCLE = ("--schedule", "onecycle", "--lr", "0.1")
-VAL_SIZE = 5000  # train images held out for the rows that judge on validation (AMSC); the others train on all 50k
+VAL_SIZE = 5000  # train images every command holds out (the AMSC searches judge on them: the baseline must not train on them)
 AMSC_ONE, AMSC_TWO = 24, 45  # epochs of a one-stage / two-stage lambda search (trials x (2 sparse + 1 recovery))
 ROWS: tuple[Row, ...] = (
     Row("baseline-ft", "baseline + the rows' fine-tune", (), False),
@@ -63,32 +62,31 @@ ROWS: tuple[Row, ...] = (
     Row("calib-l1-kd", "L1 mask, calibrated plan + KD", _mask("l1", *CALIB), True),
     Row("latency-b128-calib-kd", "latency-aware l1, calibrated plan (cuda b128, 50%) + KD", _latency(128) + CALIB, True,
         0, True),
-    Row("amsc-depth-kd", "AMSC depth-only (λ0 alone) + KD", _amsc("depth-only"), True, AMSC_ONE, needs_val=True),
+    Row("amsc-depth-kd", "AMSC depth-only (λ0 alone) + KD", _amsc("depth-only"), True, AMSC_ONE),
     Row("l1-kd", "L1 mask + KD", _mask("l1"), True),
     Row("baseline-ft-kd", "baseline + the rows' fine-tune + KD (self-distillation)", (), True),
     Row("gsm-kd-onecycle", "GSM structured + KD, OneCycle lr 0.1 fine-tune", GSM, True, 6, recipe=ONECYCLE),
     Row("gsm", "GSM structured", GSM, False, 6),
-    Row("amsc-depth", "AMSC depth-only", _amsc("depth-only"), False, AMSC_ONE, needs_val=True),
+    Row("amsc-depth", "AMSC depth-only", _amsc("depth-only"), False, AMSC_ONE),
     Row("l1", "L1 mask", _mask("l1"), False),
-    Row("amsc-kd", "AMSC depth + width + KD", _amsc(), True, AMSC_TWO, needs_val=True),
+    Row("amsc-kd", "AMSC depth + width + KD", _amsc(), True, AMSC_TWO),
     Row("graph-rw-kd", "graph-rw mask (spec) + KD", _mask("graph-rw"), True),
     Row("graph-rw-norm-kd", "graph-rw scale-invariant + KD", _mask("graph-rw", "--method-option", "rw_normalize=true"), True),
     Row("graph-rw-data-kd", "graph-rw over calibration feature maps + KD",
         _mask("graph-rw", *CALIB, "--method-option", "rw_features=calib"), True),
     Row("latency-b128-kd", "latency-aware l1 (cuda b128, 50%) + KD", _latency(128), True, 0, True),
-    Row("amsc-width-kd", "AMSC width-only (λ1 alone) + KD", _amsc("width-only"), True, AMSC_ONE, needs_val=True),
-    Row("amsc-uniform-kd", "AMSC, uniform weights λ(l)=λ(l,j)=1 + KD", _amsc("both", "uniform"), True, AMSC_TWO,
-        needs_val=True),
-    Row("amsc-reverse-kd", "AMSC, reverse weights + KD", _amsc("both", "reverse"), True, AMSC_TWO, needs_val=True),
+    Row("amsc-width-kd", "AMSC width-only (λ1 alone) + KD", _amsc("width-only"), True, AMSC_ONE),
+    Row("amsc-uniform-kd", "AMSC, uniform weights λ(l)=λ(l,j)=1 + KD", _amsc("both", "uniform"), True, AMSC_TWO),
+    Row("amsc-reverse-kd", "AMSC, reverse weights + KD", _amsc("both", "reverse"), True, AMSC_TWO),
     Row("gsm-kd-e120", "GSM structured + KD, 120 epochs (budget curve)", GSM, True, 6, epochs=120),
     Row("baseline-ft-e120", "baseline + 120 epochs (budget curve)", (), False, epochs=120),
     Row("latency-b1-kd", "latency-aware l1 (cuda b1, 50%) + KD", _latency(1), True, 0, True),
     Row("amsc-share50-kd", "AMSC depth+width, depth ≤ half the MAC target + KD",
-        _amsc("both", "adaptive", "--depth-share", "0.5"), True, AMSC_TWO, needs_val=True),
+        _amsc("both", "adaptive", "--depth-share", "0.5"), True, AMSC_TWO),
     Row("amsc-recover3-kd", "AMSC depth+width, 3 recovery epochs per trial + KD",
-        _amsc("both", "adaptive", "--recover-epochs", "3"), True, 2 * AMSC_TWO, needs_val=True),
+        _amsc("both", "adaptive", "--recover-epochs", "3"), True, 2 * AMSC_TWO),
     Row("amsc-grid6-kd", "AMSC depth+width, 6-point λ grids + KD",
-        _amsc("both", "adaptive", "--grid-points", "6"), True, AMSC_TWO + 18, needs_val=True),
+        _amsc("both", "adaptive", "--grid-points", "6"), True, AMSC_TWO + 18),
     Row("graph-rw", "graph-rw mask (spec)", _mask("graph-rw"), False),
     Row("graph-rw-norm", "graph-rw scale-invariant", _mask("graph-rw", "--method-option", "rw_normalize=true"), False),
     Row("latency-b128", "latency-aware l1 (cuda b128, 50%)", _latency(128), False, 0, True),
@@ -118,15 +116,17 @@ def latency_target(row: Row) -> tuple[str, ...]:
     return tuple(options[options.index(key) + 1] for key in ("--latency-device", "--latency-batch") if key in options)
 
 
-def common_options(data: str, device: str, limit: int | None, val_size: int = 0) -> list[str]:
-    """Options every command shares (val_size: train images held out for validation; 0 trains on all of them)."""
+def common_options(data: str, device: str, limit: int | None, val_size: int = VAL_SIZE) -> list[str]:
+    """Options every command shares (val_size: train images held out for validation, the same seeded split in every
+    command, so that no row's search judges on images the baseline trained on)."""
     return (["--model", "resnet56", "--data", data, "--device", device, "--val-size", str(val_size)]
             + (["--limit", str(limit)] if limit else []))
 
 
 def baseline_argv(init: str, out: str, epochs: int, data: str, device: str, limit: int | None) -> list[str]:
-    """The strong baseline recipe: the published checkpoint fine-tuned on the whole JPEG train set (no validation
-    hold-out) with SGD nesterov 0.9, OneCycle to lr 0.1, weight decay 5e-4, batch 256, crop + flip, bf16."""
+    """The strong baseline recipe: the published checkpoint fine-tuned on the JPEG train set less the VAL_SIZE images
+    every command holds out, with SGD nesterov 0.9, OneCycle to lr 0.1, weight decay 5e-4, batch 256, crop + flip,
+    bf16."""
     return common_options(data, device, limit) + ["--init", init, "--epochs", str(epochs), "--batch-size", "256",
                                                   "--lr", "0.1", "--schedule", "onecycle", "--weight-decay", "5e-4",
                                                   "-o", out]
@@ -135,10 +135,10 @@ def baseline_argv(init: str, out: str, epochs: int, data: str, device: str, limi
 def row_argv(row: Row, baseline: str, out: str, epochs: int, data: str, device: str, limit: int | None,
              latency_device: str = "cuda") -> list[str]:
     """A row's `compress train` arguments: fine-tune `epochs` (or the row's own budget) from the baseline (batch 512,
-    cosine from lr 0.05 unless the row's recipe says otherwise, weight decay 5e-4) on all 50k train images (AMSC
-    rows hold out VAL_SIZE for their search), with the baseline as the teacher when the row distills."""
+    cosine from lr 0.05 unless the row's recipe says otherwise, weight decay 5e-4) on the train images less the
+    VAL_SIZE held out, with the baseline as the teacher when the row distills."""
     schedule = dict(zip(row.recipe[::2], row.recipe[1::2]))
-    argv = common_options(data, device, limit, VAL_SIZE if row.needs_val else 0)
+    argv = common_options(data, device, limit)
     argv += ["--init", baseline, "--epochs", str(row.finetune_epochs(epochs)), "--batch-size", "512",
              "--lr", schedule.get("--lr", "0.05"), "--schedule", schedule.get("--schedule", "cosine"),
              "--weight-decay", "5e-4"]
