@@ -29,13 +29,17 @@ def test_every_row_is_a_valid_compress_train_command():
     for row in rows.ROWS:
         argv = rows.row_argv(row, "base.pt", f"w/{row.name}", 60, "data", "cuda", None, "cuda")
         params = parse_train(argv)
-        assert params["epochs"] == 60 and str(params["init"]) == "base.pt" and str(params["out"]) == f"w/{row.name}"
+        assert params["epochs"] == (row.epochs or 60) and str(params["init"]) == "base.pt"
+        assert str(params["out"]) == f"w/{row.name}" and params["val_size"] == rows.VAL_SIZE
         assert (str(params["distill"]) == "base.pt") == row.kd
         assert (params["target"] == "latency") == row.plans_latency
     base = parse_train(rows.baseline_argv("pub.th", "w/baseline", 83, "data", "cuda", None))
     assert (base["epochs"], base["batch_size"], base["lr"], base["schedule"], base["weight_decay"], base["nesterov"]) \
         == (83, 256, 0.1, "onecycle", 5e-4, True)
-    assert [r.name for r in rows.select_rows("l1,gsm-kd")] == ["gsm-kd", "l1"]
+    assert base["val_size"] == rows.VAL_SIZE  # the rows' searches never judge on images the baseline trained on
+    onecycle = parse_train(rows.row_argv(rows.row_by_name("gsm-kd-onecycle"), "b", "o", 60, "d", "cuda", None))
+    assert (onecycle["schedule"], onecycle["lr"]) == ("onecycle", 0.1)
+    assert [r.name for r in rows.select_rows("l1,gsm-kd")] == ["l1", "gsm-kd"]  # the order given is the priority
     with pytest.raises(SystemExit):
         rows.select_rows("nope")
 

@@ -198,6 +198,7 @@ def _ddp_worker(rank: int, world: int, port: int, result_path: str) -> None:
         train(model, synthetic_data(n_train=64), TrainConfig(epochs=2, batch_size=16, lr=0.1, nesterov=False), [], ctx)
         acc = evaluate(model, synthetic_data(n_train=64), "val", batch_size=8, ctx=ctx)
         torch.save({"state": model.state_dict(), "val": acc}, f"{result_path}.{rank}")
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it (an abort under load)
     finally:
         dist.destroy_process_group()
 
