@@ -57,7 +57,8 @@ def print_summary(report: dict, output: Path) -> None:
         typer.echo("  verification skipped (--no-verify): checker and shape inference passed")
     latency = report.get("latency")
     if latency:
-        typer.echo(f"  latency on {latency['device']} batch {latency['batch']}: budget {latency['budget_ms']:.4g} ms, "
+        timed = latency.get("timed_as") or latency.get("precision") or "fp32"
+        typer.echo(f"  latency on {latency['device']} batch {latency['batch']} ({timed}): budget {latency['budget_ms']:.4g} ms, "
                    f"predicted {latency['predicted_ms']:.4g} ms, measured {latency['measured_before_ms']:.4g} -> "
                    f"{latency['measured_after_ms']:.4g} ms (x{latency['measured_speedup']:.2f}), predictor error "
                    f"{latency['predictor_error']:+.1%}{'  [over 10%]' if latency['flagged'] else ''}")

@@ -388,7 +388,7 @@ def test_cli_latency_end_to_end(tmp_path):
     proc = run_cli(str(model), "--method", "l1", "--target", "latency", "--device", "cpu:1", "--ratio", "0.5",
                    "--profile-budget", "2", "-o", str(out), "--report", str(report), env=env)
     assert proc.returncode == 0, proc.stderr
-    assert "latency on cpu:1 batch 1" in proc.stdout and "predictor error" in proc.stdout
+    assert "latency on cpu:1 batch 1 (fp32)" in proc.stdout and "predictor error" in proc.stdout
     data = json.loads(report.read_text())
     assert data["latency"]["device"] == "cpu:1" and data["latency"]["batch"] == 1
     onnx.checker.check_model(onnx.load(out))
