@@ -150,3 +150,31 @@ def test_cli_int8_latency_target_writes_a_valid_int8_model(tmp_path, monkeypatch
     assert data["macs_after"] < data["macs_before"]
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert session.run(None, {"x": calibration(1, seed=5, size=32)})[0].shape == (1, 10)
+
+
+def test_a_network_is_converted_once_however_often_it_is_timed(monkeypatch):
+    """The closed loop times the original against every candidate: its int8 conversion is remembered (by content),
+    a different network or int8 setting converts anew, and micro-models are never remembered."""
+    from compressor.deploy import int8 as deploy_int8
+    from compressor.latency import timed
+
+    conversions = []
+    real = deploy_int8.to_int8
+
+    def counting(proto, feeds, **kw):
+        conversions.append(kw["activation_type"])
+        return real(proto, feeds, **kw)
+
+    monkeypatch.setattr(deploy_int8, "to_int8", counting)
+    monkeypatch.setattr(timed, "_converted", type(timed._converted)())
+    u8 = in_precision(LatencyRequest(parse_target("cpu:1")), "int8")
+    s8 = in_precision(LatencyRequest(parse_target("cpu:1")), "int8", PrecisionOptions(activation_type="int8"))
+    first = timed.timing_model(tiny_cnn(), u8, whole=True)
+    again = timed.timing_model(tiny_cnn(), u8, whole=True)
+    assert len(conversions) == 1 and again.SerializeToString() == first.SerializeToString()
+    assert any(n.op_type == "DequantizeLinear" for n in again.graph.node)
+    timed.timing_model(wider_cnn(), u8, whole=True)
+    timed.timing_model(tiny_cnn(), s8, whole=True)
+    timed.timing_model(tiny_cnn(), u8, whole=False)
+    timed.timing_model(tiny_cnn(), u8, whole=False)
+    assert conversions == ["uint8", "uint8", "int8", "uint8", "uint8"]

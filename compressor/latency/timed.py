@@ -12,19 +12,44 @@ removed), as the layer inside an int8 network reads the previous layer's int8 ou
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
+
 import onnx
 from onnx import helper
 
 from compressor.latency.request import LatencyRequest
 
 TIMING_SEED = 0  # seed of the random calibration inputs of int8 timing models
+CONVERTED_NETWORKS = 4  # whole networks kept converted: the closed loop times the original against every candidate
+_converted: OrderedDict[tuple, bytes] = OrderedDict()
 
 
 def timing_model(model: onnx.ModelProto, request: LatencyRequest, whole: bool,
                  input_shapes: dict | None = None) -> onnx.ModelProto:
     """`model` in the request's precision, as it is timed: `whole` for a network (fp32 inputs and outputs, as
     deployed), else a micro-model (reduced precision throughout); input_shapes: the network's analysis shapes
-    (dynamic axes other than the batch), as for the measurement."""
+    (dynamic axes other than the batch), as for the measurement. The last few converted networks are remembered
+    (by content), so the original is converted once however many candidates it is paired with."""
+    if request.precision not in ("fp16", "int8"):
+        return model
+    if not whole:
+        return converted_model(model, request, whole, input_shapes)
+    shapes = tuple(sorted((k, tuple(v)) for k, v in (input_shapes or {}).items()))
+    key = (hashlib.sha1(model.SerializeToString()).hexdigest(), request.timed_precision, request.batch, shapes)
+    data = _converted.get(key)
+    if data is None:
+        data = _converted[key] = converted_model(model, request, whole, input_shapes).SerializeToString()
+        while len(_converted) > CONVERTED_NETWORKS:
+            _converted.popitem(last=False)
+    else:
+        _converted.move_to_end(key)
+    return onnx.load_from_string(data)
+
+
+def converted_model(model: onnx.ModelProto, request: LatencyRequest, whole: bool,
+                    input_shapes: dict | None = None) -> onnx.ModelProto:
+    """`model` converted to the request's precision (no memory): see timing_model."""
     if request.precision == "fp16":
         from compressor.deploy.fp16 import to_fp16
 
