@@ -79,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rows", default="all", help="comma-separated row names, 'all', or a number N (the first N)")
     p.add_argument("--baseline-epochs", type=int, default=83)
     p.add_argument("--epochs", type=int, default=60, help="fine-tune epochs of every row (the same for all)")
+    p.add_argument("--recipe", choices=("cosine", "onecycle"), default="cosine",
+                   help="the rows' common fine-tune schedule (rows with their own recipe keep it)")
     p.add_argument("--parallel", type=int, default=12, help="row processes at once on the GPU")
     p.add_argument("--time-limit", type=float, default=540.0, help="seconds for the whole stage")
     p.add_argument("--latency-reserve", type=float, default=200.0, help="stage B: seconds kept for timing")
@@ -324,7 +326,7 @@ def stage_a(args: argparse.Namespace, out: Path, work: Path, log: Log) -> dict:
     pool.alone_epoch = sorted(h["seconds"] for h in history)[len(history) // 2] if history else None
     shutil.copy(baseline, out / "baseline.pt")
     pool.run(chosen_rows(args), lambda row: row_argv(row, baseline, str(work / row.name), args.epochs, args.data,
-                                                      args.device, args.limit, args.latency_device),
+                                                      args.device, args.limit, args.latency_device, args.recipe),
              plan_latency=args.plan_latency)
     packed["skipped"] = pool.skipped
     packed["slim_parts"] = pack_slim_models({r["name"]: r for r in packed["rows"]}, work, out, "slim_a")
@@ -356,7 +358,7 @@ def stage_b(args: argparse.Namespace, out: Path, work: Path, log: Log) -> dict:
         log(f"rows left from stage A: {', '.join(r.name for r in left)}")
         pool = Pool(args, work, log, deadline, on_row)
         pool.run(left, lambda row: row_argv(row, baseline, str(work / row.name), args.epochs, args.data, args.device,
-                                            args.limit, args.latency_device))
+                                            args.limit, args.latency_device, args.recipe))
         packed["skipped"] = pool.skipped
     write_json(out / "rows_b.json", packed)
     pack_logs(work, out, "logs_b.tar.gz")

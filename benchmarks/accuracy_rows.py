@@ -90,6 +90,10 @@ ROWS: tuple[Row, ...] = (
     Row("graph-rw", "graph-rw mask (spec)", _mask("graph-rw"), False),
     Row("graph-rw-norm", "graph-rw scale-invariant", _mask("graph-rw", "--method-option", "rw_normalize=true"), False),
     Row("latency-b128", "latency-aware l1 (cuda b128, 50%)", _latency(128), False, 0, True),
+    Row("amsc-depth-onecycle", "AMSC depth-only, OneCycle lr 0.1 fine-tune", _amsc("depth-only"), False, AMSC_ONE,
+        recipe=ONECYCLE),
+    Row("latency-b128-calib-kd-onecycle", "latency-aware l1, calibrated plan (cuda b128, 50%) + KD, OneCycle",
+        _latency(128) + CALIB, True, 0, True, recipe=ONECYCLE),
 )
 ROW_NAMES = tuple(r.name for r in ROWS)
 
@@ -132,12 +136,16 @@ def baseline_argv(init: str, out: str, epochs: int, data: str, device: str, limi
                                                   "-o", out]
 
 
+RECIPES = {"cosine": (), "onecycle": ONECYCLE}  # the rows' common fine-tune schedule (cosine: lr 0.05, no warm-up)
+
+
 def row_argv(row: Row, baseline: str, out: str, epochs: int, data: str, device: str, limit: int | None,
-             latency_device: str = "cuda") -> list[str]:
+             latency_device: str = "cuda", recipe: str = "cosine") -> list[str]:
     """A row's `compress train` arguments: fine-tune `epochs` (or the row's own budget) from the baseline (batch 512,
-    cosine from lr 0.05 unless the row's recipe says otherwise, weight decay 5e-4) on the train images less the
-    VAL_SIZE held out, with the baseline as the teacher when the row distills."""
-    schedule = dict(zip(row.recipe[::2], row.recipe[1::2]))
+    weight decay 5e-4; the row's own recipe, else the common one: cosine from lr 0.05, or OneCycle to lr 0.1) on the
+    train images less the VAL_SIZE held out, with the baseline as the teacher when the row distills."""
+    chosen = row.recipe or RECIPES[recipe]
+    schedule = dict(zip(chosen[::2], chosen[1::2]))
     argv = common_options(data, device, limit)
     argv += ["--init", baseline, "--epochs", str(row.finetune_epochs(epochs)), "--batch-size", "512",
              "--lr", schedule.get("--lr", "0.05"), "--schedule", schedule.get("--schedule", "cosine"),

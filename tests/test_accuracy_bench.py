@@ -39,6 +39,9 @@ def test_every_row_is_a_valid_compress_train_command():
     assert base["val_size"] == rows.VAL_SIZE  # the rows' searches never judge on images the baseline trained on
     onecycle = parse_train(rows.row_argv(rows.row_by_name("gsm-kd-onecycle"), "b", "o", 60, "d", "cuda", None))
     assert (onecycle["schedule"], onecycle["lr"]) == ("onecycle", 0.1)
+    plain, common = (parse_train(rows.row_argv(rows.row_by_name("l1-kd"), "b", "o", 60, "d", "cuda", None, "cuda", r))
+                     for r in ("cosine", "onecycle"))
+    assert (plain["schedule"], plain["lr"], common["schedule"], common["lr"]) == ("cosine", 0.05, "onecycle", 0.1)
     assert [r.name for r in rows.select_rows("l1,gsm-kd")] == ["l1", "gsm-kd"]  # the order given is the priority
     with pytest.raises(SystemExit):
         rows.select_rows("nope")
