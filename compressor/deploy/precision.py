@@ -56,6 +56,16 @@ class PrecisionOptions:
                 default_agreement if self.min_top1_agreement is None else self.min_top1_agreement)
 
 
+def int8_model(proto: onnx.ModelProto, feeds, options: PrecisionOptions) -> tuple[onnx.ModelProto, dict]:
+    """The product's int8 conversion of `proto` with `options` (types, per-channel, calibration method, exclusions),
+    ranges from `feeds`: what `--precision int8` ships and what int8 latency tables time."""
+    from compressor.deploy.int8 import to_int8
+
+    return to_int8(proto, feeds, activation_type=options.activation_type, weight_type=options.weight_type,
+                   per_channel=options.per_channel, calibrate_method=options.calibrate_method,
+                   exclude=tuple(options.exclude))
+
+
 def check_precision_request(precision: str, has_calibration: bool) -> None:
     """Refuse an unknown precision, or int8 without calibration data, before any work is done."""
     if precision not in PRECISIONS:
@@ -88,11 +98,7 @@ def convert_precision(proto: onnx.ModelProto, precision: str, calib_batches=None
         settings = {"converter": "onnxruntime.transformers.float16", "keep_io_types": options.keep_io_types,
                     "fp32_ops": sorted(set(default_fp32_ops()) | set(options.fp32_ops)), "fp32_nodes": kept}
     else:
-        from compressor.deploy.int8 import to_int8
-
-        converted, settings = to_int8(proto, feeds, activation_type=options.activation_type,
-                                      weight_type=options.weight_type, per_channel=options.per_channel,
-                                      calibrate_method=options.calibrate_method, exclude=tuple(options.exclude))
+        converted, settings = int8_model(proto, feeds, options)
         settings["calibration_samples"] = feeds.samples
     if feeds is not None:
         compared, source = feeds.head(options.compare_samples), "calibration"

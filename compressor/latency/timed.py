@@ -56,14 +56,11 @@ def converted_model(model: onnx.ModelProto, request: LatencyRequest, whole: bool
         return to_fp16(model, keep_io_types=whole)
     if request.precision != "int8":
         return model
-    from compressor.deploy.int8 import to_int8
+    from compressor.deploy.precision import int8_model
     from compressor.runtime.inputs import input_specs, make_inputs
 
-    conversion = request.int8_options()
     feeds = [make_inputs(input_specs(model, request.batch, input_shapes), TIMING_SEED)]
-    quantized, _ = to_int8(model, feeds, activation_type=conversion.activation_type,
-                           weight_type=conversion.weight_type, per_channel=conversion.per_channel,
-                           calibrate_method=conversion.calibrate_method, exclude=tuple(conversion.exclude))
+    quantized, _ = int8_model(model, feeds, request.int8_options())
     return quantized if whole else quantized_inputs(quantized)
 
 
