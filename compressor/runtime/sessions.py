@@ -152,41 +152,39 @@ class SessionRunner:
                 "no figure is reported for it (check the CUDA/cuDNN libraries and the device)"
             )
         self.feeds = make_inputs(specs, seed)
-        self._model, self._cuda_graph = model, cuda_graph
         device = IO_DEVICE.get(target.kind)
         start = time.perf_counter()
-        self.binding = self._bind_on_device(device, target.device_id) if device else None
+        self.binding = self._bind_on_device(device, target.device_id, model, cuda_graph) if device else None
         if self.binding is None:
             self.run_once()
         self.first_run_s = time.perf_counter() - start  # allocations, and cuDNN's algorithm search on GPU targets
 
-    def _bind_on_device(self, device: str, device_id: int) -> Any:
+    def _bind_on_device(self, device: str, device_id: int, model: str | bytes, cuda_graph: bool) -> Any:
         import onnxruntime as ort
 
         # The OrtValues must outlive the binding: the session reads and writes their device memory.
         self._device_inputs = {name: ort.OrtValue.ortvalue_from_numpy(x, device, device_id) for name, x in self.feeds.items()}
         output_names = [out.name for out in self.session.get_outputs()]
-        # A CUDA graph records the buffers of the runs it is made from, so the graph session must write into the
-        # preallocated outputs from its very first run: a plain session of the same model learns their shapes.
-        learner = (new_session(self._model, benchmark_session_options(self.target), execution_providers(self.target))
-                   if self._cuda_graph else self.session)
-        binding = learner.io_binding()
-        for name, value in self._device_inputs.items():
-            binding.bind_ortvalue_input(name, value)
-        for name in output_names:
-            binding.bind_output(name, device, device_id)
-        learner.run_with_iobinding(binding)
-        learned = binding.get_outputs()
-        self._device_outputs = {
-            name: ort.OrtValue.ortvalue_from_shape_and_type(value.shape(), numpy_dtype(value.data_type()), device, device_id)
-            for name, value in zip(output_names, learned)
-        }
-        if learner is not self.session:
-            binding = self.session.io_binding()
+
+        def with_inputs(session: Any) -> Any:
+            binding = session.io_binding()
             for name, value in self._device_inputs.items():
                 binding.bind_ortvalue_input(name, value)
-        else:
-            binding.clear_binding_outputs()
+            return binding
+
+        # One regular run learns the output shapes. A CUDA graph records the buffers of the runs it is made from, so
+        # a graph session must write into the preallocated outputs from its very first run: a plain session learns.
+        learner = (new_session(model, benchmark_session_options(self.target), execution_providers(self.target))
+                   if cuda_graph else self.session)
+        probe = with_inputs(learner)
+        for name in output_names:
+            probe.bind_output(name, device, device_id)
+        learner.run_with_iobinding(probe)
+        self._device_outputs = {
+            name: ort.OrtValue.ortvalue_from_shape_and_type(value.shape(), numpy_dtype(value.data_type()), device, device_id)
+            for name, value in zip(output_names, probe.get_outputs())
+        }
+        binding = with_inputs(self.session)
         for name, value in self._device_outputs.items():
             binding.bind_ortvalue_output(name, value)
         return binding
