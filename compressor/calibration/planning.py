@@ -118,9 +118,10 @@ def refined_scores(analysis, method, options, calib, settings: CalibratedSetting
     base, note = method_scores(method, analysis, options, groups)
     notes = [note] if note else []
     if settings.importance == "off":
-        if data_aware_option(options.extra):
-            notes.append(f"importance: {method}'s own scores from calibration feature maps "
-                         f"({data_aware_option(options.extra)}, {calib.count} samples)")
+        aware = data_aware_option(options.extra)
+        if aware:
+            notes.append(f"importance: {method}'s own scores from calibration feature maps ({aware}, "
+                         f"{calib.count} samples)")
         return base, notes
     key = ("data", _fingerprint(analysis, calib), settings.importance, tuple(groups))
     if key not in _CACHE:

@@ -358,12 +358,9 @@ def score_groups(analysis: Analysis, groups: list[int], opts: GraphRwOptions, ca
                          + (f", weights for {len(fallback)} with channels no supported layer reads" if fallback else ""))
     scores, lis = {}, {}
     for g in groups:
-        if maps.get(g) is not None:
-            scores[g], lis[g] = filter_scores(maps[g], opts.edges, opts.damping, opts.rho, opts.tol, opts.lis, True)
-        else:
-            scores[g], lis[g] = filter_scores(
-                analysis.group_filters(g), opts.edges, opts.damping, opts.rho, opts.tol, opts.lis, opts.normalize
-            )
+        # feature maps are always scaled to unit norm (their scales are arbitrary after BN folding)
+        nodes, normalize = (maps[g], True) if maps.get(g) is not None else (analysis.group_filters(g), opts.normalize)
+        scores[g], lis[g] = filter_scores(nodes, opts.edges, opts.damping, opts.rho, opts.tol, opts.lis, normalize)
     return scores, lis
 
 
