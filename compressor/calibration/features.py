@@ -76,7 +76,6 @@ def group_feature_maps(analysis, groups: list[int], calib, dim: int = FEATURE_DI
     taken = {key_: 0 for key_ in plans}
 
     def consume(arrays: dict[str, np.ndarray]) -> None:
-        batch = None
         for key_, (c, slots, rows) in plans.items():
             x = input_rows(np.asarray(arrays[c.tensor], dtype=np.float32), c)
             batch = len(arrays[c.tensor])
