@@ -78,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work", default=None, help="checkpoints, ONNX files and row logs [a temp dir]")
     p.add_argument("--rows", default="all", help="comma-separated row names, 'all', or a number N (the first N)")
     p.add_argument("--baseline-epochs", type=int, default=83)
+    p.add_argument("--baseline-schedule", choices=("onecycle", "onecycle-torch"), default="onecycle",
+                   help="stage A without --baseline: the strong recipe's OneCycle (ours, or torch's OneCycleLR)")
     p.add_argument("--epochs", type=int, default=60, help="fine-tune epochs of every row (the same for all)")
     p.add_argument("--recipe", choices=("cosine", "onecycle"), default="cosine",
                    help="the rows' common fine-tune schedule (rows with their own recipe keep it)")
@@ -307,7 +309,7 @@ def stage_a(args: argparse.Namespace, out: Path, work: Path, log: Log) -> dict:
         if not published:
             raise SystemExit(f"no resnet56-*.th under {args.models}")
         argv, epochs = baseline_argv(str(published[0]), str(work / BASELINE), args.baseline_epochs, args.data,
-                                     args.device, args.limit), args.baseline_epochs
+                                     args.device, args.limit, args.baseline_schedule), args.baseline_epochs
         baseline = str(work / f"{BASELINE}.pt")
     else:  # a given baseline: evaluated, exported and slimmed (its row and its ONNX for timing)
         shutil.copy(args.baseline, work / "baseline-init.pt")

@@ -47,8 +47,8 @@ def _mask(method: str, *more: str) -> tuple[str, ...]:
     return ("--prune", method, "--ratio", str(RATIO), *more)
 
 
-def _latency(batch: int) -> tuple[str, ...]:
-    return ("--prune", "l1", "--ratio", str(LATENCY_RATIO), "--target", "latency", "--latency-device", "{latency_device}",
+def _latency(batch: int, ratio: float = LATENCY_RATIO) -> tuple[str, ...]:
+    return ("--prune", "l1", "--ratio", str(ratio), "--target", "latency", "--latency-device", "{latency_device}",
             "--latency-batch", str(batch), "--round-to", "8", "--profile-budget", "30")
 
 
@@ -92,6 +92,10 @@ ROWS: tuple[Row, ...] = (
     Row("latency-b128", "latency-aware l1 (cuda b128, 50%)", _latency(128), False, 0, True),
     Row("amsc-depth-onecycle", "AMSC depth-only, OneCycle lr 0.1 fine-tune", _amsc("depth-only"), False, AMSC_ONE,
         recipe=ONECYCLE),
+    Row("amsc-depth-kd-e120", "AMSC depth-only + KD, 120 epochs (budget curve of the 2x candidate)",
+        _amsc("depth-only"), True, AMSC_ONE, epochs=120),
+    Row("latency55-b128-calib-kd", "latency-aware l1, calibrated plan (cuda b128, 55%) + KD", _latency(128, 0.55) + CALIB,
+        True, 0, True),
     Row("latency-b128-calib-kd-onecycle", "latency-aware l1, calibrated plan (cuda b128, 50%) + KD, OneCycle",
         _latency(128) + CALIB, True, 0, True, recipe=ONECYCLE),
 )
@@ -127,12 +131,13 @@ def common_options(data: str, device: str, limit: int | None, val_size: int = VA
             + (["--limit", str(limit)] if limit else []))
 
 
-def baseline_argv(init: str, out: str, epochs: int, data: str, device: str, limit: int | None) -> list[str]:
+def baseline_argv(init: str, out: str, epochs: int, data: str, device: str, limit: int | None,
+                  schedule: str = "onecycle") -> list[str]:
     """The strong baseline recipe: the published checkpoint fine-tuned on the JPEG train set less the VAL_SIZE images
-    every command holds out, with SGD nesterov 0.9, OneCycle to lr 0.1, weight decay 5e-4, batch 256, crop + flip,
-    bf16."""
+    every command holds out, with SGD nesterov 0.9, OneCycle to lr 0.1 (`schedule`: ours, or onecycle-torch, torch's
+    OneCycleLR with its momentum cycling), weight decay 5e-4, batch 256, crop + flip, bf16."""
     return common_options(data, device, limit) + ["--init", init, "--epochs", str(epochs), "--batch-size", "256",
-                                                  "--lr", "0.1", "--schedule", "onecycle", "--weight-decay", "5e-4",
+                                                  "--lr", "0.1", "--schedule", schedule, "--weight-decay", "5e-4",
                                                   "-o", out]
 
 

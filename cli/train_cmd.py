@@ -40,7 +40,7 @@ def train(
     momentum: float = typer.Option(0.9, "--momentum"),
     nesterov: bool = typer.Option(True, "--nesterov/--no-nesterov"),
     weight_decay: float = typer.Option(1e-4, "--weight-decay"),
-    schedule: str = typer.Option("cosine", "--schedule", help="cosine | onecycle | constant."),
+    schedule: str = typer.Option("cosine", "--schedule", help="cosine | onecycle | onecycle-torch (torch OneCycleLR with its defaults: momentum cycled 0.95-0.85) | constant."),
     warmup_epochs: float = typer.Option(0.0, "--warmup-epochs"),
     bf16: bool = typer.Option(True, "--bf16/--no-bf16", help="bf16 autocast on CUDA."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use only this many train and test images (smoke runs)."),

@@ -37,6 +37,8 @@ def test_every_row_is_a_valid_compress_train_command():
     assert (base["epochs"], base["batch_size"], base["lr"], base["schedule"], base["weight_decay"], base["nesterov"]) \
         == (83, 256, 0.1, "onecycle", 5e-4, True)
     assert base["val_size"] == rows.VAL_SIZE  # the rows' searches never judge on images the baseline trained on
+    torch_cycle = parse_train(rows.baseline_argv("pub.th", "w/b", 83, "data", "cuda", None, "onecycle-torch"))
+    assert torch_cycle["schedule"] == "onecycle-torch" and torch_cycle["lr"] == 0.1
     onecycle = parse_train(rows.row_argv(rows.row_by_name("gsm-kd-onecycle"), "b", "o", 60, "d", "cuda", None))
     assert (onecycle["schedule"], onecycle["lr"]) == ("onecycle", 0.1)
     plain, common = (parse_train(rows.row_argv(rows.row_by_name("l1-kd"), "b", "o", 60, "d", "cuda", None, "cuda", r))

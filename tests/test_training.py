@@ -164,6 +164,43 @@ def test_train_runs_hooks_and_learns():
     assert result.val_top1 == evaluate(model, data, "val") and 0 <= before <= 100
 
 
+class ScheduleProbe(TrainHooks):
+    """Records the learning rate and momentum each optimizer step runs with."""
+
+    def __init__(self, momentum: float):
+        self.momentum, self.seen, self.optimizer = momentum, [], None
+
+    def make_optimizer(self, model, config):
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=self.momentum, nesterov=True)
+        return self.optimizer
+
+    def penalty(self, model):
+        group = self.optimizer.param_groups[0]
+        self.seen.append((group["lr"], group["momentum"]))
+        return None
+
+
+def test_onecycle_torch_schedule_is_torchs_onecyclelr_step_by_step():
+    data = synthetic_data(n_train=64)
+    probe = ScheduleProbe(momentum=0.9)
+    result = train(build_model("resnet8"), data, TrainConfig(epochs=5, batch_size=16, lr=0.1, schedule="onecycle-torch"),
+                   [probe])
+    reference_optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.9, nesterov=True)
+    reference = torch.optim.lr_scheduler.OneCycleLR(reference_optimizer, max_lr=0.1, total_steps=result.steps)
+    expected = []
+    for step in range(result.steps):
+        group = reference_optimizer.param_groups[0]
+        expected.append((group["lr"], group["momentum"]))
+        if step + 1 < result.steps:
+            reference_optimizer.step()
+            reference.step()
+    assert result.steps == 20 and probe.seen == pytest.approx(expected)
+    lrs, momenta = zip(*probe.seen)
+    assert max(lrs) == pytest.approx(0.1) and lrs[0] == pytest.approx(0.1 / 25) and min(momenta) < 0.86 < 0.94 < momenta[0]
+    with pytest.raises(CompressorError):
+        train(build_model("resnet8"), data, TrainConfig(epochs=1, batch_size=16, schedule="onecycle-torch", momentum=0.0))
+
+
 def test_two_optimizer_replacements_are_refused():
     data = synthetic_data(n_train=32)
     with pytest.raises(CompressorError):
