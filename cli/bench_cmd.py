@@ -23,7 +23,7 @@ def bench(
     md_path: Optional[Path] = typer.Option(None, "--md", help="Write a Markdown report."),
     plot_path: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG: latency against MACs (needs matplotlib)."),
     cuda_graph: bool = typer.Option(False, "--cuda-graph", help="Replay a captured CUDA graph on GPU targets."),
-    pin: bool = typer.Option(False, "--pin", help="Pin each CPU session's process to T cores (Linux)."),
+    pin: bool = typer.Option(False, "--pin", help="Pin each CPU session's process to the same T cores (Linux); the sessions then stop their threads' spinning when a run returns."),
     warmup: int = typer.Option(10, "--warmup", help="Untimed inferences per session before timing."),
     runs: int = typer.Option(50, "--runs", help="Timed inferences per model, target and batch."),
     rounds: int = typer.Option(5, "--rounds", help="Interleaved rounds the runs are spread over (A B A B ...)."),

@@ -163,6 +163,16 @@ def test_pin_reports_the_cores(model_pair):
     assert m.pinned_cores is not None and len(m.pinned_cores) == 1
 
 
+def test_sessions_sharing_pinned_cores_stop_spinning_when_a_run_returns():
+    cpu = parse_target("cpu:4")
+    shared = sessions.benchmark_session_options(cpu, shares_cores=True)
+    assert shared.get_session_config_entry("session.force_spinning_stop") == "1"
+    alone = sessions.benchmark_session_options(cpu)
+    with pytest.raises(Exception):  # never set: ONNX Runtime's default (threads spin on between runs)
+        alone.get_session_config_entry("session.force_spinning_stop")
+    assert alone.intra_op_num_threads == shared.intra_op_num_threads == 4
+
+
 def test_worker_errors_come_back_as_one_line(tmp_path):
     model = tiny_cnn(4)
     model.graph.node[1].op_type = "NoSuchOp"

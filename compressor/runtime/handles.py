@@ -158,7 +158,7 @@ def worker_main() -> None:
         rss_before = current_rss_bytes()
         specs = [InputSpec(name, tuple(shape), dtype) for name, shape, dtype in request["specs"]]
         runner = SessionRunner(request["model"], parse_target(request["target"]), specs, seed=request["seed"],
-                               cuda_graph=request["cuda_graph"])
+                               cuda_graph=request["cuda_graph"], shares_cores=bool(pinned))
         runner.time_runs(request["warmup"])
         reply(ok=True, create_s=runner.create_s, first_run_s=runner.first_run_s, provider=runner.provider,
               rss_before=rss_before, pinned_cores=pinned)

@@ -100,9 +100,11 @@ def cpu_session(proto: onnx.ModelProto | str, threads: int = 0, optimization: st
         raise CompressorError(f"ONNX Runtime cannot load the model: {first_line(exc)}") from exc
 
 
-def benchmark_session_options(target: Target) -> Any:
+def benchmark_session_options(target: Target, shares_cores: bool = False) -> Any:
     """The SessionOptions of every timed session (`compress bench`, latency profiling): all optimizations,
-    sequential execution, one inter-op thread and the CPU target's intra-op threads."""
+    sequential execution, one inter-op thread and the CPU target's intra-op threads. shares_cores: the session's
+    threads are pinned to the same cores as other live sessions (interleaved pinned timing), so they stop spinning as
+    soon as a run returns instead of spinning on into the next model's runs."""
     ort = onnxruntime_module()
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -110,6 +112,8 @@ def benchmark_session_options(target: Target) -> Any:
     options.inter_op_num_threads = 1
     if target.kind == "cpu":
         options.intra_op_num_threads = int(target.threads or 1)
+        if shares_cores:
+            options.add_session_config_entry("session.force_spinning_stop", "1")
     options.log_severity_level = 3
     return options
 
@@ -134,14 +138,16 @@ class SessionRunner:
     runs on another provider than the target's (ONNX Runtime falls back to CPU silently).
     """
 
-    def __init__(self, model: str | bytes, target: Target, specs: list[InputSpec], seed: int = 0, cuda_graph: bool = False):
+    def __init__(self, model: str | bytes, target: Target, specs: list[InputSpec], seed: int = 0, cuda_graph: bool = False,
+                 shares_cores: bool = False):
         check_provider_available(target)
         if target.on_gpu:
             preload_cuda_libraries()
         self.target = target
         start = time.perf_counter()
         try:
-            self.session = new_session(model, benchmark_session_options(target), execution_providers(target, cuda_graph))
+            self.session = new_session(model, benchmark_session_options(target, shares_cores),
+                                       execution_providers(target, cuda_graph))
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise CompressorError(f"target {target}: onnxruntime cannot create a session: {first_line(exc)}") from exc
         self.create_s = time.perf_counter() - start
