@@ -7,8 +7,9 @@ table entries are keyed by structure, not name). int8: the QDQ conversion the pr
 (compressor.deploy.precision.int8_model: `quant_pre_process`, then `quantize_static`) with the request's activation
 and weight types, per-channel setting and exclusions. Its activation ranges come from seeded random inputs: ranges
 change the scales and zero points, not the kernels ONNX Runtime runs, so they are good enough for timing (the
-shipped model's ranges still come from the user's calibration data). A quantized micro-model takes its input already quantized (the leading QuantizeLinear is
-removed), as the layer inside an int8 network reads the previous layer's int8 output.
+shipped model's ranges still come from the user's calibration data). A quantized micro-model takes its input
+already quantized (the leading QuantizeLinear is removed), as the layer inside an int8 network reads the previous
+layer's int8 output.
 """
 
 from __future__ import annotations
