@@ -66,6 +66,28 @@ def int8_model(proto: onnx.ModelProto, feeds, options: PrecisionOptions) -> tupl
                    exclude=tuple(options.exclude))
 
 
+def fp16_model(proto: onnx.ModelProto, options: PrecisionOptions, whole: bool = True
+               ) -> tuple[onnx.ModelProto, dict]:
+    """The product's fp16 conversion of `proto` with `options`: what `--precision fp16` ships and what fp16 latency
+    tables time. Op types in `fp32_ops` (on top of ONNX Runtime's default list) stay fp32; so do the nodes that
+    `exclude` names (node or weight name patterns, matched like --exclude); graph inputs and outputs stay fp32 with
+    `keep_io_types`. Returns (model, settings for the report).
+
+    `whole=False` converts a micro-model (one layer cut out of the network for the latency tables): fp16 throughout
+    (a layer inside an fp16 network has no Cast around it) and only the op-type keeps apply. Name patterns do not:
+    table entries are keyed by a layer's structure, never its name, so one entry serves every layer of that shape.
+    Excluded layers reach the plan through the whole-network timings (calibration, closed-loop candidates, aligned
+    baseline), which are converted with every setting.
+    """
+    from compressor.deploy.fp16 import default_fp32_ops, to_fp16
+
+    kept = matching_nodes(proto, options.exclude) if whole else []
+    keep_io_types = options.keep_io_types and whole
+    converted = to_fp16(proto, keep_io_types, tuple(options.fp32_ops), tuple(kept))
+    return converted, {"converter": "onnxruntime.transformers.float16", "keep_io_types": keep_io_types,
+                       "fp32_ops": sorted(set(default_fp32_ops()) | set(options.fp32_ops)), "fp32_nodes": kept}
+
+
 def check_precision_request(precision: str, has_calibration: bool) -> None:
     """Refuse an unknown precision, or int8 without calibration data, before any work is done."""
     if precision not in PRECISIONS:
@@ -92,11 +114,7 @@ def convert_precision(proto: onnx.ModelProto, precision: str, calib_batches=None
     if options.exclude and not kept:
         raise CompressorError(f"--exclude-quant {' '.join(options.exclude)} matches no node of the model")
     if precision == "fp16":
-        from compressor.deploy.fp16 import default_fp32_ops, to_fp16
-
-        converted = to_fp16(proto, options.keep_io_types, tuple(options.fp32_ops), tuple(kept))
-        settings = {"converter": "onnxruntime.transformers.float16", "keep_io_types": options.keep_io_types,
-                    "fp32_ops": sorted(set(default_fp32_ops()) | set(options.fp32_ops)), "fp32_nodes": kept}
+        converted, settings = fp16_model(proto, options)
     else:
         converted, settings = int8_model(proto, feeds, options)
         settings["calibration_samples"] = feeds.samples

@@ -39,7 +39,7 @@ def measure_pair(original: onnx.ModelProto, candidate: onnx.ModelProto, request:
                  input_shapes: dict | None = None, warmup: int | None = None, runs: int | None = None
                  ) -> PairMeasurement:
     """Time original and candidate on the request's target and batch (interleaved rounds, bench session options),
-    both converted to the request's precision as deployed (timed.py: fp32 inputs and outputs)."""
+    both converted to the request's precision as deployed (timed.py)."""
     from compressor.runtime.bench import run_benchmark  # only a measuring run loads the benchmark runner
 
     original, candidate = (timing_model(m, request, whole=True, input_shapes=input_shapes) for m in (original, candidate))

@@ -63,7 +63,7 @@ class LatencyRequest:
     cache_dir: str | os.PathLike | None = None
     settings: ProfileSettings = field(default_factory=ProfileSettings)
     precision: str = "fp32"  # fp16, int8: tables, network and candidates are timed as converted models (timed.py)
-    conversion: PrecisionOptions | None = None  # int8: the product's conversion settings (None: the defaults)
+    conversion: PrecisionOptions | None = None  # fp16, int8: the product's conversion settings (None: the defaults)
 
     @property
     def copies(self) -> int:
@@ -71,22 +71,27 @@ class LatencyRequest:
         next launch inside a network and a lone kernel would be timed with its launch in series; else 1."""
         return 3 if self.target.on_gpu and self.batch <= 4 else 1
 
-    def int8_options(self) -> PrecisionOptions:
-        """The int8 conversion settings the timed models are quantized with (the product's)."""
+    def conversion_options(self) -> PrecisionOptions:
+        """The fp16 or int8 conversion settings the timed models are converted with (the product's)."""
         from compressor.deploy.precision import PrecisionOptions
 
         return self.conversion or PrecisionOptions()
 
     @property
     def timed_precision(self) -> str:
-        """The precision the models are timed in, with the int8 settings that change the kernels (activation and
-        weight types, per-channel, exclusions): part of the latency cache's context."""
-        if self.precision != "int8":
+        """The precision the models are timed in, with the settings that change the timed models (int8: activation
+        and weight types, per-channel; fp16: fp16 I/O, op types kept fp32; both: exclusions): part of the latency
+        cache's context. Default fp16 settings read plain "fp16"."""
+        if self.precision not in ("fp16", "int8"):
             return self.precision
-        options = self.int8_options()
-        tags = (INT8_TYPE_TAGS.get(options.activation_type, options.activation_type),
-                INT8_TYPE_TAGS.get(options.weight_type, options.weight_type))
-        label = f"int8-{''.join(tags)}-{'per-channel' if options.per_channel else 'per-tensor'}"
+        options = self.conversion_options()
+        if self.precision == "fp16":
+            label = "fp16" + ("" if options.keep_io_types else "-fp16io")
+            label += f"-fp32ops-{','.join(sorted(set(options.fp32_ops)))}" if options.fp32_ops else ""
+        else:
+            tags = (INT8_TYPE_TAGS.get(options.activation_type, options.activation_type),
+                    INT8_TYPE_TAGS.get(options.weight_type, options.weight_type))
+            label = f"int8-{''.join(tags)}-{'per-channel' if options.per_channel else 'per-tensor'}"
         return label + (f"-exclude-{','.join(options.exclude)}" if options.exclude else "")
 
     def to_dict(self) -> dict:
@@ -135,7 +140,7 @@ def resolve_request(target: str, ratio: float | None, device: str | None, batch:
 def in_precision(request: LatencyRequest | None, precision: str, conversion: PrecisionOptions | None = None
                  ) -> LatencyRequest | None:
     """The request for a model deployed in `precision` (its latency tables, network and candidates are timed in
-    it; int8 quantized with `conversion`, the product's settings); CompressorError for int8 on a GPU."""
+    it, converted with `conversion`, the product's settings); CompressorError for int8 on a GPU."""
     if request is None:
         return request
     if precision not in LATENCY_PRECISIONS:
@@ -144,4 +149,4 @@ def in_precision(request: LatencyRequest | None, precision: str, conversion: Pre
         raise CompressorError(f"--target latency --precision int8 times int8 models on cpu:T only, not "
                               f"{request.target.label}: ONNX Runtime's CUDA execution provider does not run QDQ int8 "
                               "convolutions fast (use --device cpu:T, or --precision fp16 on cuda)")
-    return replace(request, precision=precision, conversion=conversion if precision == "int8" else None)
+    return replace(request, precision=precision, conversion=conversion if precision != "fp32" else None)

@@ -1,13 +1,15 @@
 """Models as they are timed: converted to the latency request's precision, with the product's own converters.
 
-fp32 models are timed as they are. fp16: ONNX Runtime's float16 converter (compressor.deploy.fp16), whole networks
-with fp32 inputs and outputs as deployed, micro-models fp16 throughout (a layer inside an fp16 network has no Cast
-around it). int8: the QDQ conversion the product ships (compressor.deploy.int8.to_int8: `quant_pre_process`, then
-`quantize_static`) with the request's activation and weight types, per-channel setting and exclusions. Its
-activation ranges come from seeded random inputs: ranges change the scales and zero points, not the kernels ONNX
-Runtime runs, so they are good enough for timing (the shipped model's ranges still come from the user's
-calibration data). A quantized micro-model takes its input already quantized (the leading QuantizeLinear is
-removed), as the layer inside an int8 network reads the previous layer's int8 output.
+fp32 models are timed as they are. fp16: the conversion the product ships (compressor.deploy.precision.fp16_model)
+with the request's settings: whole networks with their op-type keeps, name exclusions and I/O types as deployed,
+micro-models fp16 throughout with the op-type keeps only (a layer inside an fp16 network has no Cast around it, and
+table entries are keyed by structure, not name). int8: the QDQ conversion the product ships
+(compressor.deploy.precision.int8_model: `quant_pre_process`, then `quantize_static`) with the request's activation
+and weight types, per-channel setting and exclusions. Its activation ranges come from seeded random inputs: ranges
+change the scales and zero points, not the kernels ONNX Runtime runs, so they are good enough for timing (the
+shipped model's ranges still come from the user's calibration data). A quantized micro-model takes its input
+already quantized (the leading QuantizeLinear is removed), as the layer inside an int8 network reads the previous
+layer's int8 output.
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ _converted: OrderedDict[tuple, bytes] = OrderedDict()
 
 def timing_model(model: onnx.ModelProto, request: LatencyRequest, whole: bool,
                  input_shapes: dict | None = None) -> onnx.ModelProto:
-    """`model` in the request's precision, as it is timed: `whole` for a network (fp32 inputs and outputs, as
-    deployed), else a micro-model (reduced precision throughout); input_shapes: the network's analysis shapes
-    (dynamic axes other than the batch), as for the measurement. The last few converted networks are remembered
+    """`model` in the request's precision, as it is timed: `whole` for a network (as deployed), else a
+    micro-model (reduced precision throughout); input_shapes: the network's analysis shapes (dynamic axes other
+    than the batch), as for the measurement. The last few converted networks are remembered
     (by content), so the original is converted once however many candidates it is paired with."""
     if request.precision not in ("fp16", "int8"):
         return model
@@ -50,17 +52,16 @@ def timing_model(model: onnx.ModelProto, request: LatencyRequest, whole: bool,
 def converted_model(model: onnx.ModelProto, request: LatencyRequest, whole: bool,
                     input_shapes: dict | None = None) -> onnx.ModelProto:
     """`model` converted to the request's precision (no memory): see timing_model."""
-    if request.precision == "fp16":
-        from compressor.deploy.fp16 import to_fp16
+    from compressor.deploy.precision import fp16_model, int8_model
 
-        return to_fp16(model, keep_io_types=whole)
+    if request.precision == "fp16":
+        return fp16_model(model, request.conversion_options(), whole)[0]
     if request.precision != "int8":
         return model
-    from compressor.deploy.precision import int8_model
     from compressor.runtime.inputs import input_specs, make_inputs
 
     feeds = [make_inputs(input_specs(model, request.batch, input_shapes), TIMING_SEED)]
-    quantized, _ = int8_model(model, feeds, request.int8_options())
+    quantized, _ = int8_model(model, feeds, request.conversion_options())
     return quantized if whole else quantized_inputs(quantized)
 
 
