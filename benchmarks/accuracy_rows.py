@@ -94,6 +94,8 @@ ROWS: tuple[Row, ...] = (
         recipe=ONECYCLE),
     Row("amsc-depth-kd-e120", "AMSC depth-only + KD, 120 epochs (budget curve of the 2x candidate)",
         _amsc("depth-only"), True, AMSC_ONE, epochs=120),
+    Row("latency-b128-calib-kd-e120", "latency-aware l1, calibrated plan (cuda b128, 50%) + KD, 120 epochs (budget curve)",
+        _latency(128) + CALIB, True, 0, True, epochs=120),
     Row("latency55-b128-calib-kd", "latency-aware l1, calibrated plan (cuda b128, 55%) + KD", _latency(128, 0.55) + CALIB,
         True, 0, True),
     Row("latency-b128-calib-kd-onecycle", "latency-aware l1, calibrated plan (cuda b128, 50%) + KD, OneCycle",

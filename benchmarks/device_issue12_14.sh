@@ -17,8 +17,8 @@ source .device/base/setup.sh
 ROWS_UNTIL=${ROWS_UNTIL:?set ROWS_UNTIL}
 EPOCHS=${EPOCHS:-60}
 RECIPE=${RECIPE:-onecycle}
-R0=${R0:-amsc-depth-kd,gsm-kd,baseline-ft,baseline-ft-kd,amsc-kd,amsc-width-kd,l1-kd,amsc-reverse-kd,gsm,amsc-depth,amsc-share50-kd}
-R1=${R1:-latency-b128-calib-kd,latency55-b128-calib-kd,amsc-depth-kd-e120,amsc-uniform-kd,graph-rw-kd,graph-rw-data-kd,graph-rw-norm-kd,l1,gsm-kd-e120,baseline-ft-e120}
+R0=${R0:-amsc-reverse-kd,amsc-depth-kd,gsm-kd,baseline-ft,baseline-ft-kd,amsc-kd,amsc-width-kd,l1-kd,amsc-reverse-kd,gsm,amsc-depth,amsc-share50-kd}
+R1=${R1:-latency-b128-calib-kd,latency55-b128-calib-kd,latency-b128-calib-kd-e120,amsc-depth-kd-e120,amsc-uniform-kd,graph-rw-kd,graph-rw-data-kd,graph-rw-norm-kd,l1,gsm-kd-e120,baseline-ft-e120}
 ACC="python3 benchmarks/accuracy_at_speed.py"
 left() { echo $(( ROWS_UNTIL - $(date +%s) )); }
 say() { echo "[$(date +%H:%M:%S)] $*"; }
@@ -63,6 +63,7 @@ EOF
 say "baselines: $(cat /tmp/choice.txt | tr '\n' ' '); chosen: $BEST"
 A=/tmp/acc-$BEST
 [ -f "$A/baseline.pt" ] || { say "no baseline: stop"; touch /tmp/orch.done; exit 1; }
+cp "$A/baseline.pt" /tmp/baseline.pt  # bring it back through $OUT: a later call's rows can start from the same checkpoint
 CUDA_VISIBLE_DEVICES=0 taskset -c 0-15 $ACC stage-a --data .device/base/data --baseline "$A/baseline.pt" \
     --epochs "$EPOCHS" --recipe "$RECIPE" --rows "$R0" --out /tmp/accB0 --work /tmp/accwB0 --time-limit "$(left)" \
     > /tmp/accB0.stdout 2>&1 &
