@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+import re
+import statistics
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 BASELINE = "baseline"
@@ -104,19 +106,33 @@ ROWS: tuple[Row, ...] = (
 ROW_NAMES = tuple(r.name for r in ROWS)
 
 
+SEED_SUFFIX = re.compile(r"^(.+)-seed(\d+)$")
+
+
+def seeded(row: Row, seed: int) -> Row:
+    """`row` trained with `compress train --seed seed` (batch order, augmentation, calibration images; the held-out
+    validation images stay the same), named NAME-seedN."""
+    return replace(row, name=f"{row.name}-seed{seed}", label=f"{row.label} (seed {seed})",
+                   options=row.options + ("--seed", str(seed)))
+
+
 def row_by_name(name: str) -> Row:
-    """The row called `name` (SystemExit naming the choices otherwise)."""
+    """The row called `name`, or NAME-seedN for a seed replicate of NAME (SystemExit naming the choices otherwise)."""
     for row in ROWS:
         if row.name == name:
             return row
-    raise SystemExit(f"unknown row '{name}' (choose from: {', '.join(ROW_NAMES)})")
+    match = SEED_SUFFIX.match(name)
+    if match:
+        return seeded(row_by_name(match[1]), int(match[2]))
+    raise SystemExit(f"unknown row '{name}' (choose from: {', '.join(ROW_NAMES)}; NAME@N or NAME-seedN: seed N)")
 
 
 def select_rows(text: str | None) -> list[Row]:
-    """Rows from a comma-separated list, in the order given (its priority); 'all' or empty: every row."""
+    """Rows from a comma-separated list, in the order given (its priority); 'all' or empty: every row. NAME@N is
+    NAME's replicate with seed N."""
     if not text or text == "all":
         return list(ROWS)
-    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    names = list(dict.fromkeys(n.strip().replace("@", "-seed") for n in text.split(",") if n.strip()))
     return [row_by_name(n) for n in names]
 
 
@@ -217,6 +233,7 @@ def markdown(rows: list[dict], header: list[str]) -> str:
                  _fmt(lat.get("cuda_b128"), ".3f"), _fmt(lat.get("cpu1"), ".3f"), _fmt(speed, ".2f"),
                  "yes" if r["kd"] else "", str(r["epochs"])]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += seed_summary(rows)
     gsm = [r for r in rows if "gsm_before_finetune" in r]
     if gsm:
         lines += ["", "GSM right after its phase (exact zeros, no fine-tune) vs after the fine-tune (test top-1 %):", ""]
@@ -232,6 +249,23 @@ def markdown(rows: list[dict], header: list[str]) -> str:
                          + " ".join(a.get("notes") or []))
     lines += ["", "## Commands", ""] + [f"- {r['name']}: `{r['command']}`" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def seed_summary(rows: list[dict]) -> list[str]:
+    """Markdown lines: mean and sample standard deviation of the test top-1 of every row run with several seeds (the
+    row itself counts as seed 0); none when no row has a replicate."""
+    groups: dict[str, list[float]] = {}
+    for r in rows:
+        match = SEED_SUFFIX.match(r["name"])
+        groups.setdefault(match[1] if match else r["name"], []).append(r["test_top1"])
+    repeated = {name: values for name, values in groups.items() if len(values) > 1}
+    if not repeated:
+        return []
+    lines = ["", "Rows run with several seeds (test top-1 %: mean ± sample standard deviation, the values):", ""]
+    for name, values in repeated.items():
+        lines.append(f"- {name}: {statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} "
+                     f"({', '.join(f'{v:.2f}' for v in values)})")
+    return lines
 
 
 def pareto_plot(rows: list[dict], path: Path, key: str | None = None) -> bool:

@@ -12,13 +12,14 @@
 #
 # Usage (on the device, repository root): ROWS_UNTIL=<epoch seconds> bash benchmarks/device_issue12_14.sh
 # ROWS_UNTIL: when the rows must have finished (the timing and packing take about a minute after it).
+# Rows NAME@N are seed replicates (compress train --seed N; the held-out validation images stay the same).
 set -u
 source .device/base/setup.sh
 ROWS_UNTIL=${ROWS_UNTIL:?set ROWS_UNTIL}
 EPOCHS=${EPOCHS:-60}
 RECIPE=${RECIPE:-onecycle}
-R0=${R0:-amsc-reverse-kd,amsc-depth-kd,gsm-kd,baseline-ft,baseline-ft-kd,amsc-kd,amsc-width-kd,l1-kd,amsc-reverse-kd,gsm,amsc-depth,amsc-share50-kd}
-R1=${R1:-latency-b128-calib-kd,latency55-b128-calib-kd,latency-b128-calib-kd-e120,amsc-depth-kd-e120,amsc-uniform-kd,graph-rw-kd,graph-rw-data-kd,graph-rw-norm-kd,l1,gsm-kd-e120,baseline-ft-e120}
+R0=${R0:-amsc-reverse-kd,gsm-kd,gsm-kd@1,gsm-kd@2,baseline-ft,baseline-ft@1,baseline-ft-kd,baseline-ft-kd@1,amsc-depth-kd,amsc-kd,amsc-width-kd,l1-kd,amsc-share50-kd}
+R1=${R1:-latency-b128-calib-kd,latency-b128-calib-kd@1,latency-b128-calib-kd@2,latency-b128-calib-kd-e120,graph-rw-data-kd,graph-rw-kd,amsc-uniform-kd,l1,gsm,amsc-depth,gsm-kd-e120,baseline-ft-e120}
 ACC="python3 benchmarks/accuracy_at_speed.py"
 left() { echo $(( ROWS_UNTIL - $(date +%s) )); }
 say() { echo "[$(date +%H:%M:%S)] $*"; }

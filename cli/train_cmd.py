@@ -44,7 +44,7 @@ def train(
     warmup_epochs: float = typer.Option(0.0, "--warmup-epochs"),
     bf16: bool = typer.Option(True, "--bf16/--no-bf16", help="bf16 autocast on CUDA."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use only this many train and test images (smoke runs)."),
-    val_size: int = typer.Option(5000, "--val-size", help="Train images held out for validation."),
+    val_size: int = typer.Option(5000, "--val-size", help="Train images held out for validation (the same images whatever --seed)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
     seed: int = typer.Option(0, "--seed"),
     exporter: str = typer.Option("auto", "--exporter", help="auto (dynamo when onnxscript is installed) | dynamo | torchscript."),

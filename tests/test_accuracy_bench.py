@@ -49,6 +49,30 @@ def test_every_row_is_a_valid_compress_train_command():
         rows.select_rows("nope")
 
 
+def test_seed_replicates_change_the_training_seed_only():
+    chosen = rows.select_rows("gsm-kd@1,gsm-kd,gsm-kd-seed2")
+    assert [r.name for r in chosen] == ["gsm-kd-seed1", "gsm-kd", "gsm-kd-seed2"]
+    one, base = (parse_train(rows.row_argv(r, "b.pt", "o", 60, "d", "cuda", None)) for r in chosen[:2])
+    assert (one["seed"], base["seed"]) == (1, 0)
+    assert {k: v for k, v in one.items() if k != "seed"} == {k: v for k, v in base.items() if k != "seed"}
+    assert rows.row_by_name("l1-kd-seed3").label.endswith("(seed 3)")
+    table = [fake_row("baseline", 91.0, 2.4, True), fake_row("gsm-kd", 90.0, 2.2), fake_row("gsm-kd-seed1", 90.4, 2.2),
+             fake_row("l1-kd", 89.0, 2.3)]
+    summary = rows.seed_summary(table)
+    assert any(line.startswith("- gsm-kd: 90.20 ± 0.28 (90.00, 90.40)") for line in summary)
+    assert not any("l1-kd" in line for line in summary) and rows.seed_summary(table[:2]) == []
+    assert "90.20 ± 0.28" in rows.markdown(table, ["# t"])
+
+
+def test_the_device_scripts_row_lists_name_known_rows():
+    import re
+
+    script = (ROOT / "benchmarks" / "device_issue12_14.sh").read_text()
+    for key in ("R0", "R1"):
+        names = re.search(rf"{key}=\$\{{{key}:-([^}}]*)\}}", script)[1]
+        assert len(rows.select_rows(names)) == len(names.split(","))
+
+
 def fake_row(name: str, top1: float, b128: float | None, baseline: bool = False) -> dict:
     return {"name": name, "label": name, "test_top1": top1, "macs_reduction": 0.0 if baseline else 0.6,
             "latency_ms": {"cuda_b1": 1.0, "cuda_b128": b128, "cpu1": 3.0}, "baseline": baseline, "epochs": 60,

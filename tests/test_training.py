@@ -109,6 +109,25 @@ def test_validation_split_is_carved_from_train_and_seeded():
     assert not torch.equal(other.val_images, data.val_images)
 
 
+def test_train_holds_out_the_same_validation_images_whatever_its_seed(tmp_path, monkeypatch):
+    from compressor.training import pipeline
+    from compressor.training.data import VALIDATION_SPLIT_SEED
+
+    seen = []
+
+    def record(*args, **kwargs):
+        seen.append(kwargs["seed"])
+        raise CompressorError("stop after the data split")
+
+    monkeypatch.setattr(pipeline, "load_cifar10_data", record)
+    for seed in (0, 3):
+        job = TrainJob(model="resnet8", data=str(tmp_path), out=str(tmp_path / f"s{seed}"), device="cpu",
+                       config=TrainConfig(epochs=1, seed=seed))
+        with pytest.raises(CompressorError, match="stop after"):
+            run_job(job, log=None)
+    assert seen == [VALIDATION_SPLIT_SEED, VALIDATION_SPLIT_SEED]
+
+
 # --- schedules, loop, hooks ----------------------------------------------------------------------------------------
 
 

@@ -21,6 +21,9 @@ from compressor.datasets import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, bala
 from compressor.errors import CompressorError
 
 DEFAULT_VAL_SIZE = 5000
+# `compress train` holds out the same validation images whatever its --seed: a run from a checkpoint trained with another
+# seed must never judge (AMSC searches, validation top-1) on images that checkpoint trained on
+VALIDATION_SPLIT_SEED = 0
 CROP_PADDING = 4
 
 

@@ -25,7 +25,7 @@ from compressor.errors import CompressorError
 from compressor.files import PendingWrites, check_output_paths, write_text
 from compressor.training.amsc import amsc_structure
 from compressor.training.amsc_search import AmscOptions, run_amsc
-from compressor.training.data import DEFAULT_VAL_SIZE, CifarData, load_cifar10_data
+from compressor.training.data import DEFAULT_VAL_SIZE, VALIDATION_SPLIT_SEED, CifarData, load_cifar10_data
 from compressor.training.distill import DEFAULT_ALPHA, DEFAULT_TEMPERATURE, DistillHooks
 from compressor.training.distributed import DistContext, init_distributed, shutdown_distributed
 from compressor.training.export import export_and_slim, removed_macs_fraction
@@ -151,7 +151,7 @@ def run_job(job: TrainJob, data: CifarData | None = None, log: LogFn | None = pr
     ctx = init_distributed(job.device)
     say = _log_to(ctx, log)
     try:
-        data = data or load_cifar10_data(job.data, ctx.device, val_size=job.val_size, seed=job.config.seed,
+        data = data or load_cifar10_data(job.data, ctx.device, val_size=job.val_size, seed=VALIDATION_SPLIT_SEED,
                                          limit=job.limit)
         say(f"data: {data.sizes()} on {ctx.device} (decoded by {data.decoder}); {ctx.world_size} process(es)")
         model = build_model(job.model, job.num_classes)
