@@ -387,6 +387,17 @@ def test_resnet56_checkpoint_scores_83_on_the_jpeg_test_set(tmp_path):
 
 
 @needs_data
+@pytest.mark.parametrize("schedule, warned", [("cosine", True), ("onecycle", False)])
+def test_distilling_without_a_warmup_says_so(tmp_path, schedule, warned):
+    from compressor.training.pipeline import NO_WARMUP_NOTE
+
+    lines = []
+    job = TrainJob(model="resnet8", data="unused", out=str(tmp_path / schedule), device="cpu", verify_images=8,
+                   distill=True, config=TrainConfig(epochs=1, batch_size=32, lr=0.02, schedule=schedule))
+    run_job(job, data=synthetic_data(n_train=32), log=lines.append)
+    assert (NO_WARMUP_NOTE in lines) == warned
+
+
 def test_compress_train_smoke_run(tmp_path):
     from cli.main import main
 

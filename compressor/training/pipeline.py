@@ -174,6 +174,8 @@ def run_job(job: TrainJob, data: CifarData | None = None, log: LogFn | None = pr
             hooks.append(DistillHooks(teacher, job.kd_temperature, job.kd_weight))
             metrics["distill"] = {"teacher": "the starting model" if job.distill is True else job.distill,
                                   "temperature": job.kd_temperature, "weight": job.kd_weight}
+            if not has_warmup(job.config):
+                say(NO_WARMUP_NOTE)
         if masks is not None:
             masks.apply(model)
         result = train(model, data, job.config, hooks, ctx, say)
@@ -191,6 +193,16 @@ def run_job(job: TrainJob, data: CifarData | None = None, log: LogFn | None = pr
         return metrics
     finally:
         shutdown_distributed(ctx)
+
+
+NO_WARMUP_NOTE = ("note: distilling without a warm-up; pruned students far from their teacher can collapse in the "
+                  "first epoch (the KD gradient is up to T times a cross-entropy one): --schedule onecycle or "
+                  "--warmup-epochs N")
+
+
+def has_warmup(config: TrainConfig) -> bool:
+    """Whether the fine-tune schedule starts low (OneCycle, or a linear warm-up)."""
+    return config.schedule.startswith("onecycle") or config.warmup_epochs > 0
 
 
 def load_teacher(job: TrainJob, device: torch.device) -> nn.Module:
