@@ -1,13 +1,15 @@
 """The per-op channel rule table: how each operator propagates, couples, consumes and rewrites channels.
 
-Each entry is one function `rule(tracer, node)`. It reads the channel maps of the node's inputs, sets those of its
-outputs, and registers what surgery needs: initializer axes to slice (`tracer.param`), attribute or shape-constant
-rewrites (`tracer.rewrite`) and MAC terms (`tracer.macs`). Ops without an entry block every channel that reaches
-them, so an unknown op never yields a wrong model.
+Each entry is one function `rule(tracer, node)`; those registered with `channel_rule` run only when the node's first
+input carries tracked channels, and get that input's channel map. A rule reads the channel maps of the node's inputs,
+sets those of its outputs, and registers what surgery needs: initializer axes to slice (`tracer.param`), attribute or
+shape-constant rewrites (`tracer.rewrite`) and MAC terms (`tracer.macs`). Ops without an entry block every channel
+that reaches them, so an unknown op never yields a wrong model.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -17,9 +19,10 @@ from compressor.engine.graph import attr, set_attr
 if TYPE_CHECKING:
     import onnx
 
-    from compressor.engine.tracer import KeepFn, Rewrite, RewriteContext, Tracer
+    from compressor.engine.tracer import ChannelMap, KeepFn, Rewrite, RewriteContext, Tracer
 
 Rule = Callable[["Tracer", "onnx.NodeProto"], None]
+ChannelRule = Callable[["Tracer", "onnx.NodeProto", "ChannelMap"], None]
 RULES: dict[str, Rule] = {}
 
 # Unary ops that act on each element alone; those mapping 0 to 0 keep exact-zero channels zero.
@@ -45,16 +48,29 @@ def rule(*ops: str) -> Callable[[Rule], Rule]:
     return decorator
 
 
+def channel_rule(*ops: str) -> Callable[[ChannelRule], ChannelRule]:
+    """Register a rule that acts only when the node's first input carries tracked channels; it gets their map."""
+
+    def decorator(fn: ChannelRule) -> ChannelRule:
+        @functools.wraps(fn)
+        def on_tracked_input(t: "Tracer", node) -> None:
+            cmap = t.cmap(node.input[0])
+            if cmap is not None:
+                fn(t, node, cmap)
+
+        rule(*ops)(on_tracked_input)
+        return fn
+
+    return decorator
+
+
 def _extra_outputs_used(t: "Tracer", node) -> bool:
     return any(out and t.view.consumers.get(out) or out in t.view.outputs for out in node.output[1:])
 
 
-@rule(*ZERO_PRESERVING_UNARY, *OTHER_UNARY, *ZERO_PRESERVING_POOLS, "Dropout", "Clip")
-def elementwise_unary(t: "Tracer", node) -> None:
+@channel_rule(*ZERO_PRESERVING_UNARY, *OTHER_UNARY, *ZERO_PRESERVING_POOLS, "Dropout", "Clip")
+def elementwise_unary(t: "Tracer", node, cmap: "ChannelMap") -> None:
     """Channel-wise ops: the output has the input's channels; extra outputs (masks, indices) block them."""
-    cmap = t.cmap(node.input[0])
-    if cmap is None:
-        return
     if _extra_outputs_used(t, node):
         t.block(cmap.units, f"{node.op_type} '{node.name}' has a used secondary output")
         return
@@ -77,12 +93,9 @@ def _scalar(t: "Tracer", node, slot: int, default):
     return default
 
 
-@rule("BatchNormalization", "InstanceNormalization")
-def per_channel_normalization(t: "Tracer", node) -> None:
+@channel_rule("BatchNormalization", "InstanceNormalization")
+def per_channel_normalization(t: "Tracer", node, cmap: "ChannelMap") -> None:
     """Per-channel affine/normalization: parameters are sliced with the channels."""
-    cmap = t.cmap(node.input[0])
-    if cmap is None:
-        return
     if cmap.axis != 1 or _extra_outputs_used(t, node):
         t.block(cmap.units, f"{node.op_type} '{node.name}' on an unexpected axis or with training outputs")
         return
@@ -331,12 +344,9 @@ def concat(t: "Tracer", node) -> None:
     t.set(node.output[0], channel_axis, tracked[0].units, np.logical_and.reduce([c.zero for c in tracked]))
 
 
-@rule("Split")
-def split(t: "Tracer", node) -> None:
+@channel_rule("Split")
+def split(t: "Tracer", node, cmap: "ChannelMap") -> None:
     """Split: on the channel axis each output takes its range (sizes rewritten); otherwise channels pass."""
-    cmap = t.cmap(node.input[0])
-    if cmap is None:
-        return
     axis = attr(node, "axis", 0) % t.rank(node.input[0])
     if axis != cmap.axis:
         for out in node.output:
@@ -363,12 +373,9 @@ def split(t: "Tracer", node) -> None:
     t.rewrite(node, rewrite)
 
 
-@rule("Slice")
-def slice_(t: "Tracer", node) -> None:
+@channel_rule("Slice")
+def slice_(t: "Tracer", node, cmap: "ChannelMap") -> None:
     """Slice: channel ranges with step 1 are followed (starts/ends rewritten); other channel slices block."""
-    cmap = t.cmap(node.input[0])
-    if cmap is None:
-        return
     rank = t.rank(node.input[0])
     if len(node.input) < 3:
         starts, ends, axes, steps = np.array(attr(node, "starts")), np.array(attr(node, "ends")), attr(node, "axes"), None
@@ -402,12 +409,9 @@ def slice_(t: "Tracer", node) -> None:
     t.rewrite(node, rewrite)
 
 
-@rule("Pad")
-def pad(t: "Tracer", node) -> None:
+@channel_rule("Pad")
+def pad(t: "Tracer", node, cmap: "ChannelMap") -> None:
     """Pad: spatial pads pass channels; constant channel pads add removable constant channels (pads rewritten)."""
-    cmap = t.cmap(node.input[0])
-    if cmap is None:
-        return
     rank = t.rank(node.input[0])
     from_input = len(node.input) > 1 and node.input[1]
     pads = t.view.const(node.input[1]) if from_input else np.array(attr(node, "pads", []))
@@ -444,12 +448,9 @@ def pad(t: "Tracer", node) -> None:
     t.rewrite(node, rewrite)
 
 
-@rule(*REDUCE_OPS)
-def reduce(t: "Tracer", node) -> None:
+@channel_rule(*REDUCE_OPS)
+def reduce(t: "Tracer", node, cmap: "ChannelMap") -> None:
     """Reductions over non-channel axes keep channels (axis shifts when dims are dropped); over channels block."""
-    cmap = t.cmap(node.input[0])
-    if cmap is None:
-        return
     rank = t.rank(node.input[0])
     axes = attr(node, "axes")
     if axes is None and len(node.input) > 1 and node.input[1]:
@@ -471,12 +472,9 @@ def reduce(t: "Tracer", node) -> None:
     t.set(node.output[0], axis, cmap.units, cmap.zero if preserving else None)
 
 
-@rule("Flatten", "Reshape")
-def flatten_or_reshape(t: "Tracer", node) -> None:
+@channel_rule("Flatten", "Reshape")
+def flatten_or_reshape(t: "Tracer", node, cmap: "ChannelMap") -> None:
     """Reshapes that keep the channel axis, or merge it with the dims after it (features = channel blocks)."""
-    cmap = t.cmap(node.input[0])
-    if cmap is None:
-        return
     in_shape, out_shape = t.view.shape(node.input[0]), t.view.shape(node.output[0])
     if in_shape is None or out_shape is None:
         return t.block_inputs(node, "unknown shapes")
@@ -522,22 +520,16 @@ def _merges_leading_dims(dims: tuple[int, ...], block: int) -> bool:
     return product == block
 
 
-@rule("Transpose")
-def transpose(t: "Tracer", node) -> None:
+@channel_rule("Transpose")
+def transpose(t: "Tracer", node, cmap: "ChannelMap") -> None:
     """Transpose moves the channel axis."""
-    cmap = t.cmap(node.input[0])
-    if cmap is None:
-        return
     perm = attr(node, "perm") or list(reversed(range(t.rank(node.input[0]))))
     t.set(node.output[0], list(perm).index(cmap.axis), cmap.units, cmap.zero)
 
 
-@rule("Squeeze", "Unsqueeze")
-def squeeze(t: "Tracer", node) -> None:
+@channel_rule("Squeeze", "Unsqueeze")
+def squeeze(t: "Tracer", node, cmap: "ChannelMap") -> None:
     """(Un)squeeze shifts the channel axis; squeezing the channel axis itself blocks."""
-    cmap = t.cmap(node.input[0])
-    if cmap is None:
-        return
     in_shape, out_shape = t.view.shape(node.input[0]), t.view.shape(node.output[0])
     if in_shape is None or out_shape is None:
         return t.block_inputs(node, "unknown shapes")
@@ -550,12 +542,9 @@ def squeeze(t: "Tracer", node) -> None:
     t.block_inputs(node, "squeezes the channel axis")
 
 
-@rule("Resize", "Upsample")
-def resize(t: "Tracer", node) -> None:
+@channel_rule("Resize", "Upsample")
+def resize(t: "Tracer", node, cmap: "ChannelMap") -> None:
     """Resizing keeps channels if it does not scale the channel axis (a constant `sizes` is rewritten)."""
-    cmap = t.cmap(node.input[0])
-    if cmap is None:
-        return
     in_shape, out_shape = t.view.shape(node.input[0]), t.view.shape(node.output[0])
     if in_shape is None or out_shape is None or in_shape[cmap.axis] != out_shape[cmap.axis]:
         return t.block_inputs(node, "resizes the channel axis")
@@ -574,12 +563,9 @@ def resize(t: "Tracer", node) -> None:
     t.set(node.output[0], cmap.axis, cmap.units, cmap.zero)
 
 
-@rule("Softmax", "LogSoftmax", "Hardmax")
-def softmax(t: "Tracer", node) -> None:
+@channel_rule("Softmax", "LogSoftmax", "Hardmax")
+def softmax(t: "Tracer", node, cmap: "ChannelMap") -> None:
     """Softmax over a non-channel axis keeps channels; over the channel axis it mixes them."""
-    cmap = t.cmap(node.input[0])
-    if cmap is None:
-        return
     rank = t.rank(node.input[0])
     axis = attr(node, "axis", -1 if t.opset >= 13 else 1) % rank
     if axis == cmap.axis or (t.opset < 13 and cmap.axis >= axis):
@@ -587,12 +573,9 @@ def softmax(t: "Tracer", node) -> None:
     t.set(node.output[0], cmap.axis, cmap.units, None)
 
 
-@rule("Shape")
-def shape(t: "Tracer", node) -> None:
+@channel_rule("Shape")
+def shape(t: "Tracer", node, cmap: "ChannelMap") -> None:
     """Shape is harmless when only non-channel dims are read from it (Gather of constant indices)."""
-    cmap = t.cmap(node.input[0])
-    if cmap is None:
-        return
     rank = t.rank(node.input[0])
     start = attr(node, "start", 0) % max(rank, 1) if attr(node, "start") is not None else 0
     end = attr(node, "end")

@@ -16,6 +16,7 @@ import numpy as np
 
 from compressor.errors import CompressorError
 from compressor.runtime.settings_report import best_settings, settings_lines
+from compressor.runtime.tables import markdown_table, number, ratio, text_table
 
 
 @dataclass
@@ -114,12 +115,6 @@ class Measurement:
         return data
 
 
-def _ratio(numerator: float | None, denominator: float | None) -> float | None:
-    if numerator is None or denominator is None or denominator == 0:
-        return None
-    return float(numerator) / float(denominator)
-
-
 @dataclass
 class BenchReport:
     """All measurements of one `compress bench` run, with the schedule that produced them and the environment."""
@@ -157,12 +152,12 @@ class BenchReport:
                 rows.append({
                     "model": other.model, "baseline": base.model, "target": target, "batch": batch,
                     "setting": other.setting,
-                    "speedup_p50": _ratio(base.p50_ms, other.p50_ms),
+                    "speedup_p50": ratio(base.p50_ms, other.p50_ms),
                     "paired_speedup": float(np.median(paired)) if paired else None,
-                    "throughput_ratio": _ratio(other.throughput, base.throughput),
-                    "macs_ratio": _ratio(other.macs, base.macs), "params_ratio": _ratio(other.params, base.params),
-                    "memory_ratio": _ratio(other.memory_mb, base.memory_mb),
-                    "size_ratio": _ratio(other.file_bytes, base.file_bytes),
+                    "throughput_ratio": ratio(other.throughput, base.throughput),
+                    "macs_ratio": ratio(other.macs, base.macs), "params_ratio": ratio(other.params, base.params),
+                    "memory_ratio": ratio(other.memory_mb, base.memory_mb),
+                    "size_ratio": ratio(other.file_bytes, base.file_bytes),
                 })
         return rows
 
@@ -190,17 +185,14 @@ class BenchReport:
                 speedup = 1.0 if m is base else speedups.get((m.model, m.target, m.batch, m.setting))
                 rows.append([m.model + (f" [{m.setting}]{' *' if m.chosen else ''}" if m.setting else ""), m.precision or "?", m.target, str(m.batch), _human(m.macs), _human(m.params),
                              f"{m.p50_ms:.3f}", f"{m.p90_ms:.3f}", f"{m.p99_ms:.3f}", f"{m.throughput:.1f}",
-                             _fmt(speedup, 1, 2, suffix="x"), _fmt(_ratio(m.macs, base.macs), 1, 3),
-                             _fmt(m.memory_mb, 1, 1), f"{m.session_create_s:.2f}"])
+                             number(speedup, 2, "x"), number(ratio(m.macs, base.macs), 3),
+                             number(m.memory_mb, 1), f"{m.session_create_s:.2f}"])
         return header, rows
 
     def to_text(self) -> str:
         """A fixed-width table for stdout, then one line on how memory was measured."""
         header, rows = self._table_rows()
-        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-        lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                 for r in [header, *rows]]
-        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines = text_table([header, *rows], right=range(1, len(header)))
         lines.append(_MEMORY_NOTE)
         if self.tuning:
             lines += ["", *settings_lines(self, markdown=False)]
@@ -209,22 +201,19 @@ class BenchReport:
     def to_markdown(self) -> str:
         """A Markdown report: results table, ratios, settings and environment."""
         header, rows = self._table_rows()
-        out = ["# Benchmark", "", "## Results", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        out += ["| " + " | ".join(r) + " |" for r in rows]
+        out = ["# Benchmark", "", "## Results", "", *markdown_table([header, *rows])]
         out += ["", _MEMORY_NOTE, "speedup = p50 of the first model / p50 of this model, same target and batch; "
                 "MACs x = MACs of this model / MACs of the first (per image).", ""]
         ratios = self.ratios()
         if ratios:
-            out += ["## Ratios against the first model", "",
-                    "| model | target | batch | speedup (p50) | paired speedup | throughput x | MACs x | params x "
-                    "| memory x | size x |",
-                    "|---|---|---|---|---|---|---|---|---|---|"]
+            table = [["model", "target", "batch", "speedup (p50)", "paired speedup", "throughput x", "MACs x", "params x",
+                      "memory x", "size x"]]
             for r in ratios:
                 model = r["model"] + (f" [{r['setting']}]" if r.get("setting") else "")
                 cells = [r["speedup_p50"], r["paired_speedup"], r["throughput_ratio"], r["macs_ratio"], r["params_ratio"],
                          r["memory_ratio"], r["size_ratio"]]
-                out.append(f"| {model} | {r['target']} | {r['batch']} | " + " | ".join(_fmt(c, 1, 3) for c in cells) + " |")
-            out.append("")
+                table.append([model, r["target"], str(r["batch"]), *(number(c, 3) for c in cells)])
+            out += ["## Ratios against the first model", "", *markdown_table(table), ""]
         if self.tuning:
             out += ["## Session settings (--tune)", "", *settings_lines(self, markdown=True), ""]
         out += ["## Settings", "", "```json", json.dumps(self.settings, indent=2), "```", "",
@@ -257,10 +246,6 @@ def merge_reports(reports: list[BenchReport]) -> BenchReport:
 
 _MEMORY_NOTE = ("mem MB: CPU targets: peak RSS of a fresh process holding only that model's session; "
                 "GPU targets: device memory the session added (after its warm-up, minus before its creation).")
-
-
-def _fmt(value: float | None, scale: float, digits: int, suffix: str = "") -> str:
-    return "-" if value is None else f"{value * scale:.{digits}f}{suffix}"
 
 
 def _human(count: int | None) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from compressor.runtime.tables import markdown_table, number, ratio, text_table
+
 SINGLE_NOTE = ("{target}: one candidate only (the CPU execution provider has no provider option, and the threads are "
                "the target itself): the default is kept, with nothing to compare it with.")
 
@@ -31,11 +33,16 @@ def best_settings(report: Any) -> list[dict[str, Any]]:
                 "default_p50_ms": default and default["p50_ms"],
                 "chosen_setting": chosen and chosen["setting"], "chosen_session_target": chosen and chosen["session_target"],
                 "chosen_cuda_graph": chosen and chosen["cuda_graph"], "chosen_p50_ms": chosen and chosen["p50_ms"],
-                "speedup_default_vs_first_default": _ratio(first[1] and first[1]["p50_ms"], default and default["p50_ms"]),
-                "speedup_vs_first_default": _ratio(first[1] and first[1]["p50_ms"], chosen and chosen["p50_ms"]),
-                "speedup_vs_first_best": _ratio(first[2] and first[2]["p50_ms"], chosen and chosen["p50_ms"]),
+                "speedup_default_vs_first_default": _speedup(first[1], default),
+                "speedup_vs_first_default": _speedup(first[1], chosen),
+                "speedup_vs_first_best": _speedup(first[2], chosen),
             })
     return rows
+
+
+def _speedup(first: dict[str, Any] | None, this: dict[str, Any] | None) -> float | None:
+    # a p50 of 0 ms (or none) is no measurement: no speedup, where report.py's ratios keep 0.0 for a real zero (memory)
+    return ratio(first and first["p50_ms"] or None, this and this["p50_ms"])
 
 
 def settings_lines(report: Any, markdown: bool) -> list[str]:
@@ -45,38 +52,19 @@ def settings_lines(report: Any, markdown: bool) -> list[str]:
         check = r["check"]
         shown = (f"{check['relative_error']:.3g} / {check['tolerance']:.3g}" if check else
                  (f"could not run: {r['failure']}" if r["failure"] else "only candidate"))
-        candidates.append([r["model"], r["target"], str(r["batch"]), r["setting"], _ms(r["p50_ms"]), shown,
+        candidates.append([r["model"], r["target"], str(r["batch"]), r["setting"], number(r["p50_ms"], 3), shown,
                            "yes" if r["passed"] else "no", "yes" if r["chosen"] else ""])
     best = [["model", "target", "batch", "default p50 ms", "chosen setting", "chosen p50 ms",
              "speedup vs first (default)", "speedup vs first (its best)"]]
     for r in best_settings(report):
-        best.append([r["model"], r["target"], str(r["batch"]), _ms(r["default_p50_ms"]), r["chosen_setting"] or "none passed",
-                     _ms(r["chosen_p50_ms"]), _x(r["speedup_vs_first_default"]), _x(r["speedup_vs_first_best"])])
+        best.append([r["model"], r["target"], str(r["batch"]), number(r["default_p50_ms"], 3),
+                     r["chosen_setting"] or "none passed", number(r["chosen_p50_ms"], 3),
+                     number(r["speedup_vs_first_default"], 2, "x"), number(r["speedup_vs_first_best"], 2, "x")])
     singles = sorted({r["target"] for r in report.tuning if r["check"] is None and not r["failure"]})
     notes = [SINGLE_NOTE.format(target=t) for t in singles]
     notes.append("A setting passes when its outputs match the model's reference (fp32: the model on ONNX Runtime CPU "
                  "with optimizations off, tolerance max(1e-4, 10 x the larger of the CPU's float32 noise and the "
                  "default setting's own error); fp16/int8: the model's default-setting outputs within the precision's "
                  "limit); the fastest passing setting is chosen. Speedups are p50 ratios.")
-    return _table(candidates, markdown) + [""] + _table(best, markdown) + [""] + notes
-
-
-def _table(rows: list[list[str]], markdown: bool) -> list[str]:
-    if markdown:
-        return ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])] + \
-               ["| " + " | ".join(r) + " |" for r in rows[1:]]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    return [lines[0], "  ".join("-" * w for w in widths), *lines[1:]]
-
-
-def _ratio(numerator: float | None, denominator: float | None) -> float | None:
-    return None if not numerator or not denominator else float(numerator) / float(denominator)
-
-
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
-
-
-def _x(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
+    table = markdown_table if markdown else text_table
+    return table(candidates) + [""] + table(best) + [""] + notes
