@@ -5,7 +5,7 @@
     check = check_latency(analysis.proto, compressed, planned, request) # measured vs predicted
 
 Modules: micro (cost items, micro-models, layer signatures), cache (on-disk table), table (profiling, alignment,
-calibration), importance (method scores made comparable), allocate (the knapsack), planner (the closed loop),
+calibration), loop_budget (the table's part of --profile-budget), importance (method scores made comparable), allocate (the knapsack), planner (the closed loop),
 result (LatencyPlan), paired (side-by-side measurement), check (predicted vs measured), timed (models converted to
 the request's precision, fp16 or int8, before they are timed).
 """

@@ -75,9 +75,9 @@ class LatencyCache:
         self.hits += 1
         return float(entry["ms"])
 
-    def put(self, key: str, ms: float, what: str = "") -> None:
-        """Record a measurement (kept in memory; `flush` writes)."""
-        self.entries[key] = {"ms": float(ms), "what": what, "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    def put(self, key: str, ms: float, what: str = "", extra: dict | None = None) -> None:
+        """Record a measurement, with `extra` fields (e.g. what converting and opening it took); `flush` writes."""
+        self.entries[key] = {"ms": float(ms), "what": what, "when": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra or {})}
         self._dirty = True
 
     def flush(self) -> None:

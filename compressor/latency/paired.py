@@ -35,6 +35,20 @@ class PairMeasurement:
         return self.after_ms / self.before_ms if self.before_ms > 0 else 1.0
 
 
+def check_counts(request: LatencyRequest, warmup: int | None = None, runs: int | None = None) -> tuple[int, int]:
+    """(warm-up runs, timed runs) of each model in a side-by-side measurement: the arguments, else the request's
+    settings (check_warmup, check_runs), else the target kind's defaults (CHECK_WARMUP, CHECK_RUNS)."""
+    kind = "gpu" if request.target.on_gpu else "cpu"
+    warmup = request.settings.check_warmup if warmup is None else warmup
+    runs = request.settings.check_runs if runs is None else runs
+    return (CHECK_WARMUP[kind] if warmup is None else warmup, CHECK_RUNS[kind] if runs is None else runs)
+
+
+def runs_per_side(request: LatencyRequest) -> int:
+    """Session runs of each model (warm-up and timed) in one side-by-side measurement with the default counts."""
+    return sum(check_counts(request))
+
+
 def measure_pair(original: onnx.ModelProto, candidate: onnx.ModelProto, request: LatencyRequest,
                  input_shapes: dict | None = None, warmup: int | None = None, runs: int | None = None
                  ) -> PairMeasurement:
@@ -44,12 +58,9 @@ def measure_pair(original: onnx.ModelProto, candidate: onnx.ModelProto, request:
 
     original, candidate = (timing_model(m, request, whole=True, input_shapes=input_shapes) for m in (original, candidate))
 
-    kind = "gpu" if request.target.on_gpu else "cpu"
-    warmup = request.settings.check_warmup if warmup is None else warmup
-    runs = request.settings.check_runs if runs is None else runs
-    report = run_benchmark([original, candidate], [request.target], [request.batch],
-                           warmup=CHECK_WARMUP[kind] if warmup is None else warmup,
-                           runs=CHECK_RUNS[kind] if runs is None else runs, rounds=CHECK_ROUNDS[kind],
+    warmup, runs = check_counts(request, warmup, runs)
+    report = run_benchmark([original, candidate], [request.target], [request.batch], warmup=warmup, runs=runs,
+                           rounds=CHECK_ROUNDS["gpu" if request.target.on_gpu else "cpu"],
                            input_shapes=input_shapes, isolate=False, names=["original", "compressed"], with_cost=False,
                            memory=False, environment=False)
     before, after = sorted(report.measurements, key=lambda m: m.model_index)

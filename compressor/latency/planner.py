@@ -136,8 +136,11 @@ def plan_for_latency(analysis: Analysis, method: str, options, request: LatencyR
         plan.notes.append(f"the latency budget{' or the MAC cap' if macs_ratio else ''} is out of reach under the latency "
                           f"model: every saving taken, predicted {predicted:.4g} ms for a budget of {budget:.4g} ms")
     if model.info["skipped_over_budget"]:
+        reserve = model.info.get("loop_reserve")
+        kept = (f" (the table kept to {reserve['table_budget_s']:.3g} s, {reserve['reserve_s']:.3g} s left for "
+                f"measuring {reserve['measurements']} whole candidates)" if reserve else "")
         plan.notes.append(f"--profile-budget reached: {model.info['skipped_over_budget']} measurements skipped, "
-                          f"some layers use a coarser width grid")
+                          f"some layers use a coarser width grid{kept}")
     if model.info["failed"]:
         plan.notes.append(f"some layer widths could not be timed on {request.target} (e.g. {model.info['failed'][0]}); "
                           "those layers use a coarser table")

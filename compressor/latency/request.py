@@ -37,7 +37,7 @@ class ProfileSettings:
     calibration_seconds: float = 1.0
     max_level: int = 3
     loop_iterations: int = 4  # candidates the closed loop measures at most (0: plan from the latency model alone)
-    table_share: float = 0.75  # with the loop on, the share of --profile-budget the table may use
+    table_share: float = 0.75  # with the loop on, the most of --profile-budget the table may use (loop_budget.py)
     check_warmup: int | None = None  # each side-by-side measurement (None: 50 on GPUs, 3 on CPUs) ...
     check_runs: int | None = None  # ... (None: 300 on GPUs in 10 rounds, 20 on CPUs in 5; check.py)
     aligned_baseline: bool = True  # the closed loop also measures the aligned MAC baseline and keeps it when better

@@ -26,7 +26,8 @@ Widths. Candidate widths are multiples of an alignment chosen per target from me
 64-aligned widths; 64 if none is (isolated layers cannot tell: a misaligned width mostly costs its neighbours).
 The items' tables are refined level by level (grid.py: full width; sweeps at half and the narrowest width;
 quarters; the cross grid), the most expensive items first, until the level limit or the profile budget is reached;
-an item uses its finest complete level.
+an item uses its finest complete level. With the closed loop on, the table's part of the profile budget leaves a
+reserve for measuring whole candidates, estimated from the network's own timing (loop_budget.py).
 """
 
 from __future__ import annotations
@@ -40,8 +41,10 @@ import numpy as np
 import onnx
 
 from compressor.errors import CompressorError
+from compressor.latency import paired
 from compressor.latency.cache import LatencyCache, context_of
 from compressor.latency.grid import GRID_LEVEL, MAX_GRID_DIMS, ItemTable, fit_fixed_share, level_points, level_widths
+from compressor.latency.loop_budget import candidate_seconds, loop_measurements, loop_reserve_s, table_budget_s
 from compressor.latency.micro import CostItem, find_items, micro_model, removed_units, structure_key
 from compressor.latency.request import LatencyRequest, ProfileSettings
 from compressor.latency.timed import timing_model
@@ -68,13 +71,17 @@ def measure_ms(model: onnx.ModelProto, target, batch: int, settings: ProfileSett
 
     runner = SessionRunner(model.SerializeToString(), target, input_specs(model, batch, input_shapes))
     first = runner.time_runs(max(settings.warmup, 1))
-    per_run = max(float(np.median(first)), 1e-3)
+    return float(np.median(runner.time_runs(timed_runs(settings, float(np.median(first)), calibration))))
+
+
+def timed_runs(settings: ProfileSettings, per_run_ms: float, calibration: bool = False) -> int:
+    """How many timed runs measure_ms takes after its warm-up, for a model of `per_run_ms`: enough to fill the
+    settings' time per point (per network for `calibration`), within their limits."""
+    per_run = max(per_run_ms, 1e-3)
     if calibration:
-        runs = int(np.clip(math.ceil(settings.calibration_seconds * 1000 / per_run), settings.calibration_runs,
+        return int(np.clip(math.ceil(settings.calibration_seconds * 1000 / per_run), settings.calibration_runs,
                            10 * settings.calibration_runs))
-    else:
-        runs = int(np.clip(math.ceil(settings.seconds_per_point * 1000 / per_run), settings.min_runs, settings.max_runs))
-    return float(np.median(runner.time_runs(runs)))
+    return int(np.clip(math.ceil(settings.seconds_per_point * 1000 / per_run), settings.min_runs, settings.max_runs))
 
 
 def overhead_model() -> onnx.ModelProto:
@@ -133,9 +140,11 @@ class Profiler:
         self.network_key = ""
         self.probe_points: list[tuple[int, dict[int, int], float]] = []  # (offset, widths, ms): the network probe
         self._overhead: float | None = None
+        self.loop_reserve: dict | None = None
         budget, settings = request.profile_budget_s, request.settings
-        # the closed loop (planner.py) measures whole candidates after the table: it keeps a share of the budget
-        self.budget_s = None if budget is None else budget * (settings.table_share if settings.loop_iterations else 1.0)
+        # the closed loop (planner.py) measures whole candidates after the table: it keeps a share of the budget,
+        # and a reserve for a few of them once the network's timing shows what one costs (keep_loop_reserve)
+        self.budget_s = table_budget_s(budget, settings.table_share if settings.loop_iterations else 1.0, 0.0)
 
     def elapsed(self) -> float:
         """Seconds since profiling started."""
@@ -157,15 +166,40 @@ class Profiler:
             return cached
         start = time.perf_counter()
         model = timing_model(model, self.request, whole=calibration, input_shapes=input_shapes)
+        converted = time.perf_counter()
         ms = measure_ms(model, self.request.target, self.request.batch, self.request.settings, calibration, input_shapes)
         self.measured += 1
-        if not calibration:  # the per-measurement estimate of the budget check is about micro-models
+        extra = None
+        if calibration:  # what converting and opening a network took: the loop reserve's estimate (keep_loop_reserve)
+            settings = self.request.settings
+            runs_s = (max(settings.warmup, 1) + timed_runs(settings, ms, calibration=True)) * ms / 1000
+            extra = {"conversion_s": round(converted - start, 4),
+                     "session_s": round(max(time.perf_counter() - converted - runs_s, 0.0), 4)}
+        else:  # the per-measurement estimate of the budget check is about micro-models
             self.measure_seconds += time.perf_counter() - start
             self.micro_measured += 1
-        self.cache.put(key, ms, what)
+        self.cache.put(key, ms, what, extra)
         if self.progress and self.measured % 10 == 0:
             self.progress(f"profiling latency ({self.measured} measured)")
         return ms
+
+    def keep_loop_reserve(self, network_key: str, full_ms: float) -> None:
+        """Lower the table's budget so that the closed loop keeps time for a few whole-candidate measurements
+        (loop_budget.py), each estimated from the whole network's timing: its conversion and session seconds, kept
+        with its cache entry (an entry from before they were kept counts its runs only)."""
+        settings, budget = self.request.settings, self.request.profile_budget_s
+        if budget is None or not settings.loop_iterations:
+            return
+        entry = self.cache.entries.get(network_key, {})
+        conversion_s, session_s = float(entry.get("conversion_s", 0.0)), float(entry.get("session_s", 0.0))
+        measurements = loop_measurements(settings.loop_iterations, settings.aligned_baseline)
+        one = candidate_seconds(conversion_s, session_s, full_ms, paired.runs_per_side(self.request))
+        reserve = loop_reserve_s(one, conversion_s, measurements)
+        self.budget_s = table_budget_s(budget, settings.table_share, reserve)
+        self.loop_reserve = {"measurements": measurements, "candidate_s": round(one, 3), "reserve_s": round(reserve, 3),
+                             "table_budget_s": round(self.budget_s, 3), "network_conversion_s": conversion_s,
+                             "network_session_s": session_s, "estimated_from": (
+                                 "the network's timing" if "session_s" in entry else "the network's runs only")}
 
     def overhead_ms(self) -> float:
         """Latency of an empty session run on this target."""
@@ -233,6 +267,7 @@ def build_latency_model(analysis: Analysis, floors: dict[int, int], droppable_bl
         "measured": profiler.measured, "cache_hits": cache.hits, "skipped_over_budget": profiler.skipped,
         "failed": profiler.failed[:5],
         "profile_seconds": round(profiler.elapsed(), 2), "profile_budget_s": request.profile_budget_s,
+        "loop_reserve": profiler.loop_reserve,
         "overhead_ms": profiler.overhead_ms(), "copies_per_micro_model": request.copies, "cache": str(cache.path),
         "context": cache.context,
     }
@@ -248,6 +283,7 @@ def _measure_network(profiler: Profiler, droppable: set[int]) -> tuple[float, fl
     shapes = analysis.input_shapes
     base = profiler.network_key = f"network:{structure_key(analysis.proto)}:{sorted((k, list(v)) for k, v in shapes.items())}"
     full_ms = profiler.raw_ms(analysis.proto, base, "whole network", calibration=True, input_shapes=shapes)
+    profiler.keep_loop_reserve(base, full_ms)
     if not droppable:
         return full_ms, None
     key = f"{base}:drop{sorted(droppable)}"
