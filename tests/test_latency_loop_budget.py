@@ -99,6 +99,7 @@ def test_a_tight_profile_budget_leaves_the_loop_a_second_candidate(cache_dir, mo
     assert loop[0]["measured_fraction"] > 0.5  # the first candidate misses the budget ...
     assert len(loop) >= 2 and len(calls) >= 2  # ... and the loop had the time to measure another
     assert all(c["seconds"] == pytest.approx(CANDIDATE_S) for c in loop)
+    assert len(loop) == 2 and planned.info["aligned_baseline"] is not None  # the third measurement: the baseline
 
 
 def test_without_a_profile_budget_nothing_is_reserved(cache_dir, monkeypatch):

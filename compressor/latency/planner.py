@@ -32,6 +32,7 @@ LOOP_AIM = 0.97  # the closed loop aims a little under the budget (timing noise)
 LOOP_ACCEPT = 0.92  # ... and stops at a candidate measuring between this fraction of the budget and the budget
 LOOP_STEP = 0.7  # one correction moves the allocation budget by at most this factor (down) or its inverse (up)
 LOOP_MARGIN = 0.1  # once the budget is bracketed, the next allocation budget stays this share off either end
+MEASURE_SLACK = 0.9  # a whole measurement starts when this share of its estimated time is left of --profile-budget
 LOOP_REACH_STEP = 0.85  # two slow candidates this far apart in budget judge whether the budget is in reach at all
 LATENCY_OPTIONS = ("macs_ratio", "block_value")  # the --method-option keys this planner reads
 BLOCK_VALUE_FACTOR = 0.5  # default importance of a dropped residual branch relative to its channels (importance.py)
@@ -173,7 +174,9 @@ def _closed_loop(analysis: Analysis, model: LatencyModel, candidate, first: _Can
         wanted = _wanted(tried, budget, model.full_ms, request)
         if LOOP_ACCEPT * wanted <= current.measured.fraction <= wanted or len(tried) >= iterations:
             break
-        if remaining_s is not None and remaining_s < current.seconds:
+        # another candidate only if the aligned baseline (measured after the loop) still fits after it
+        keep = current.seconds * (2 if request.settings.aligned_baseline else 1)
+        if remaining_s is not None and remaining_s < MEASURE_SLACK * keep:
             break
         internal = _next_allocation_budget(tried, model, wanted)
         if internal is None or any(abs(internal - t.internal_budget_ms) <= 1e-3 * t.internal_budget_ms for t in tried):
@@ -192,7 +195,7 @@ def _aligned_baseline(analysis: Analysis, method: str, options, model: LatencyMo
                       progress) -> BaselineOutcome | None:
     """The aligned MAC baseline judged against the choice (closed loop only, within the profile budget)."""
     if not request.settings.aligned_baseline or chosen.measured is None or (
-            remaining_s is not None and remaining_s < chosen.seconds):
+            remaining_s is not None and remaining_s < MEASURE_SLACK * chosen.seconds):
         return None
     wanted = _wanted(tried, budget, model.full_ms, request)
     return measure_aligned_baseline(analysis, method, options, model.alignment, chosen.plan, chosen.measured.fraction,
