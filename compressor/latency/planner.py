@@ -174,8 +174,7 @@ def _closed_loop(analysis: Analysis, model: LatencyModel, candidate, first: _Can
         wanted = _wanted(tried, budget, model.full_ms, request)
         if LOOP_ACCEPT * wanted <= current.measured.fraction <= wanted or len(tried) >= iterations:
             break
-        # another candidate only if the aligned baseline (measured after the loop) still fits after it
-        keep = current.seconds * (2 if request.settings.aligned_baseline else 1)
+        keep = current.seconds * (2 if request.settings.aligned_baseline else 1)  # the baseline must fit after it
         if remaining_s is not None and remaining_s < MEASURE_SLACK * keep:
             break
         internal = _next_allocation_budget(tried, model, wanted)
@@ -436,10 +435,7 @@ def _internal_groups(analysis: Analysis, block: int, model: LatencyModel, variab
 def _report_section(request: LatencyRequest, model: LatencyModel, budget: float, predicted: float, allocation,
                     method: str, score_note: str | None) -> dict:
     return {
-        **request.to_dict(),
-        "budget_ms": budget,
-        "measured_original_ms": model.full_ms,
-        "predicted_ms": predicted,
+        **request.to_dict(), "budget_ms": budget, "measured_original_ms": model.full_ms, "predicted_ms": predicted,
         "predicted_speedup": model.full_ms / predicted if predicted > 0 else None,
         "budget_met_by_prediction": bool(predicted <= budget * (1 + 1e-6)),
         "importance_kept": allocation.kept_value / allocation.total_value if allocation.total_value else 1.0,
