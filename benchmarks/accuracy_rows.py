@@ -56,6 +56,7 @@ def _latency(batch: int, ratio: float = LATENCY_RATIO) -> tuple[str, ...]:
 
 CALIB = ("--calib-count", "512")  # the plan measured on 512 training images (calibrated planning, issue 15)
 ONECYCLE = ("--schedule", "onecycle", "--lr", "0.1")
+RAMP = ("--mask-ramp-epochs", "15")  # the fine-tune starts unpruned; the mask's structures shrink to zero over 15 epochs
 VAL_SIZE = 5000  # train images every command holds out (the AMSC searches judge on them: the baseline must not train on them)
 AMSC_ONE, AMSC_TWO = 24, 45  # epochs of a one-stage / two-stage lambda search (trials x (2 sparse + 1 recovery))
 ROWS: tuple[Row, ...] = (
@@ -96,6 +97,9 @@ ROWS: tuple[Row, ...] = (
         recipe=ONECYCLE),
     Row("amsc-depth-kd-e120", "AMSC depth-only + KD, 120 epochs (budget curve of the 2x candidate)",
         _amsc("depth-only"), True, AMSC_ONE, epochs=120),
+    Row("latency-b128-calib-kd-ramp", "latency-aware l1, calibrated plan (cuda b128, 50%) + KD, mask ramped over 15 epochs",
+        _latency(128) + CALIB + RAMP, True, 0, True),
+    Row("l1-kd-ramp", "L1 mask + KD, mask ramped over 15 epochs", _mask("l1", *RAMP), True),
     Row("latency-b128-calib-kd-e120", "latency-aware l1, calibrated plan (cuda b128, 50%) + KD, 120 epochs (budget curve)",
         _latency(128) + CALIB, True, 0, True, epochs=120),
     Row("latency55-b128-calib-kd", "latency-aware l1, calibrated plan (cuda b128, 55%) + KD", _latency(128, 0.55) + CALIB,

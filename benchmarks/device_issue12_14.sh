@@ -18,8 +18,8 @@ source .device/base/setup.sh
 ROWS_UNTIL=${ROWS_UNTIL:?set ROWS_UNTIL}
 EPOCHS=${EPOCHS:-60}
 RECIPE=${RECIPE:-onecycle}
-R0=${R0:-amsc-reverse-kd,gsm-kd,gsm-kd@1,gsm-kd@2,baseline-ft,baseline-ft@1,baseline-ft-kd,baseline-ft-kd@1,amsc-depth-kd,amsc-kd,amsc-width-kd,l1-kd,amsc-share50-kd}
-R1=${R1:-latency-b128-calib-kd,latency-b128-calib-kd@1,latency-b128-calib-kd@2,latency-b128-calib-kd-e120,graph-rw-data-kd,graph-rw-kd,amsc-uniform-kd,l1,gsm,amsc-depth,gsm-kd-e120,baseline-ft-e120}
+R0=${R0:-amsc-reverse-kd,l1-kd-ramp,gsm-kd,gsm-kd@1,gsm-kd@2,baseline-ft,baseline-ft@1,baseline-ft-kd,baseline-ft-kd@1,amsc-depth-kd,amsc-kd,amsc-width-kd,l1-kd,amsc-share50-kd}
+R1=${R1:-latency-b128-calib-kd,latency-b128-calib-kd-ramp,latency-b128-calib-kd@1,latency-b128-calib-kd@2,latency-b128-calib-kd-e120,graph-rw-data-kd,graph-rw-kd,amsc-uniform-kd,l1,gsm,amsc-depth,gsm-kd-e120,baseline-ft-e120}
 ACC="python3 benchmarks/accuracy_at_speed.py"
 left() { echo $(( ROWS_UNTIL - $(date +%s) )); }
 say() { echo "[$(date +%H:%M:%S)] $*"; }

@@ -76,6 +76,7 @@ def train(
     profile_budget: Optional[float] = typer.Option(None, "--profile-budget", help="--target latency: seconds of profiling."),
     round_to: int = typer.Option(1, "--round-to", help="--prune plan: keep channel counts at multiples of N."),
     method_option: Optional[list[str]] = typer.Option(None, "--method-option", help="--prune plan: KEY=VALUE for the method (e.g. rw_normalize=true)."),
+    mask_ramp_epochs: float = typer.Option(0.0, "--mask-ramp-epochs", help="--prune: start the fine-tune from the unpruned model and shrink the pruned structures linearly to zero over this many epochs (0: zero from the start)."),
     calib_count: int = typer.Option(0, "--calib-count", help="--prune plan calibrated on N seeded train images (data-aware importance + measured allocation, no reconstruction); 0: off."),
 ) -> None:
     """Train or fine-tune on CIFAR-10 (one GPU, or several under torchrun), export and slim the ONNX model."""
@@ -101,7 +102,7 @@ def train(
                    prune=prune, ratio=ratio, config=config, amsc=amsc_options, gsm_mode=gsm, gsm_epochs=sparse_epochs,
                    gsm_momentum=gsm_momentum, gsm_decay=gsm_decay, gsm_lr=sparse_lr, limit=limit, val_size=val_size,
                    prune_options=prune_options, distill=str(distill) if distill else None, kd_temperature=kd_temperature,
-                   kd_weight=kd_weight, device=device, calib_count=calib_count, exporter=exporter, verify_images=verify_images,
+                   kd_weight=kd_weight, mask_ramp_epochs=mask_ramp_epochs, device=device, calib_count=calib_count, exporter=exporter, verify_images=verify_images,
                    command=command_line(ctx, "compress train"))
     metrics = run_job(job, log=lambda text: typer.echo(text, err=True))
     if metrics.get("macs_before") is not None:

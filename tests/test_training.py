@@ -355,6 +355,36 @@ def test_out_prefix_accepts_any_of_the_output_names():
     assert out_prefix("runs/a.slim.onnx") == out_prefix("runs/a.onnx") == out_prefix("runs/a") == Path("runs/a")
 
 
+def test_mask_ramp_shrinks_the_pruned_entries_linearly_then_zeroes_them():
+    from compressor.training.masks import MaskHooks, ParameterMasks
+
+    model = nn.Sequential(nn.Linear(4, 3))
+    start = model[0].weight.detach().clone()
+    keep = torch.ones(3, 4, dtype=torch.bool)
+    keep[1] = False
+    hooks = MaskHooks(ParameterMasks({"0.weight": keep}), ramp_steps=4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    for step in range(1, 6):
+        hooks.after_step(model, optimizer, 0.0)
+        weight = model[0].weight.detach()
+        assert torch.allclose(weight[1], start[1] * max(4 - step, 0) / 4, atol=1e-7)
+        assert torch.equal(weight[[0, 2]], start[[0, 2]])
+    assert torch.count_nonzero(model[0].weight[1]) == 0
+
+
+def test_mask_ramp_fine_tune_ends_exact_and_is_refused_without_a_prune_mask(tmp_path):
+    data = synthetic_data(n_train=64)
+    job = TrainJob(model="resnet8", data="unused", out=str(tmp_path / "ramp"), device="cpu", verify_images=16,
+                   prune="l1", ratio=0.3, mask_ramp_epochs=1.0, config=TrainConfig(epochs=2, batch_size=32, lr=0.02))
+    metrics = run_job(job, data=data, log=None)
+    assert metrics["mask_ramp"] == {"epochs": 1.0, "steps": 2} and metrics["macs_reduction"] > 0.2
+    assert metrics["export"]["slim_check"]["max_abs_diff"] <= metrics["export"]["slim_check"]["tolerance"]
+    for bad in ({"mask_ramp_epochs": 1.0}, {"prune": "l1", "ratio": 0.3, "mask_ramp_epochs": 3.0},
+                {"method": "gsm", "ratio": 0.3, "mask_ramp_epochs": 1.0}):
+        with pytest.raises(CompressorError, match="mask-ramp-epochs"):
+            TrainJob(model="resnet8", data="unused", out=str(tmp_path / "bad"), config=TrainConfig(epochs=2), **bad).validate()
+
+
 @pytest.mark.parametrize("recipe", ["prune", "gsm"])
 def test_pipeline_recipes_write_exact_slim_models(tmp_path, recipe):
     options = {"prune": {"prune": "l1", "ratio": 0.3},

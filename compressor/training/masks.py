@@ -57,6 +57,13 @@ class ParameterMasks:
                     if torch.is_tensor(value) and value.shape == p.shape:
                         value.mul_(mask)
 
+    @torch.no_grad()
+    def shrink(self, model: nn.Module, factor: float) -> None:
+        """Multiply the masked entries of the parameters by `factor` (the others are left as they are)."""
+        for p, mask in self._resolve(model):
+            p.mul_(torch.where(mask, torch.ones((), device=p.device, dtype=p.dtype),
+                               torch.full((), factor, device=p.device, dtype=p.dtype)))
+
     def zeroed(self) -> dict[str, int]:
         """Number of masked entries per parameter."""
         return {name: int((~mask).sum()) for name, mask in self.keep.items()}
@@ -70,14 +77,25 @@ class ParameterMasks:
 
 
 class MaskHooks(TrainHooks):
-    """Training hook that keeps masked entries at exactly zero after every step."""
+    """Training hook that keeps masked entries at exactly zero after every step.
 
-    def __init__(self, masks: ParameterMasks):
-        self.masks = masks
+    With `ramp_steps` R > 0 the fine-tune starts from the unpruned model instead and the masked entries shrink to
+    zero over its first R steps: after step t < R they are scaled by (R - t) / (R - t + 1), so that without gradient
+    they would stand at (R - t) / R of where they started (a linear ramp), while the optimizer keeps training them;
+    from step R on they are exactly zero, as without a ramp.
+    """
+
+    def __init__(self, masks: ParameterMasks, ramp_steps: int = 0):
+        self.masks, self.ramp_steps, self.steps = masks, max(int(ramp_steps), 0), 0
 
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, lr: float) -> None:
-        """Re-apply the masks after the optimizer moved the weights."""
-        self.masks.apply(model, optimizer)
+        """Shrink the masked entries one ramp step, or re-apply the masks after the optimizer moved the weights."""
+        self.steps += 1
+        left = self.ramp_steps - self.steps
+        if left > 0:
+            self.masks.shrink(model, left / (left + 1))
+        else:
+            self.masks.apply(model, optimizer)
 
 
 def conv_bn_pairs(model: nn.Module) -> dict[str, str]:

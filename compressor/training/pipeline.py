@@ -71,6 +71,8 @@ class TrainJob:
     distill: str | bool | None = None
     kd_temperature: float = DEFAULT_TEMPERATURE
     kd_weight: float = DEFAULT_ALPHA
+    # --prune masks shrink to zero over the fine-tune's first epochs instead of at its start (masks.MaskHooks)
+    mask_ramp_epochs: float = 0.0
 
     def validate(self) -> None:
         """Raise CompressorError on inconsistent options."""
@@ -93,6 +95,12 @@ class TrainJob:
         for checkpoint in (self.init, self.distill if isinstance(self.distill, str) else None):
             if checkpoint and not Path(checkpoint).is_file():
                 raise CompressorError(f"checkpoint not found: {checkpoint}")
+        if self.mask_ramp_epochs < 0 or (self.mask_ramp_epochs and not (self.prune or self.masks is not None)):
+            raise CompressorError(f"--mask-ramp-epochs (got {self.mask_ramp_epochs}) ramps a --prune mask: give "
+                                  "--prune METHOD --ratio R (AMSC and GSM reach their zeros in their own phase)")
+        if self.mask_ramp_epochs > self.config.epochs:
+            raise CompressorError(f"--mask-ramp-epochs {self.mask_ramp_epochs} is longer than the fine-tune "
+                                  f"({self.config.epochs} epochs)")
         if self.kd_temperature <= 0 or not 0.0 <= self.kd_weight <= 1.0:
             raise CompressorError(f"bad distillation settings: temperature {self.kd_temperature} (> 0), "
                                   f"weight {self.kd_weight} (in [0, 1])")
@@ -168,7 +176,11 @@ def run_job(job: TrainJob, data: CifarData | None = None, log: LogFn | None = pr
         teacher = copy.deepcopy(model).eval() if job.distill is True else None
         masks, sparse_report = _sparse_phase(job, model, data, ctx, say)
         metrics.update(sparse_report)
-        hooks: list[TrainHooks] = [MaskHooks(masks)] if masks is not None and len(masks) else []
+        ramp_steps = round(job.mask_ramp_epochs * data.steps_per_epoch(job.config.batch_size))
+        hooks: list[TrainHooks] = [MaskHooks(masks, ramp_steps)] if masks is not None and len(masks) else []
+        if ramp_steps:
+            metrics["mask_ramp"] = {"epochs": job.mask_ramp_epochs, "steps": ramp_steps}
+            say(f"masks: the pruned structures shrink to zero over the first {ramp_steps} steps")
         if job.distill:
             teacher = teacher if teacher is not None else load_teacher(job, ctx.device)
             hooks.append(DistillHooks(teacher, job.kd_temperature, job.kd_weight))
@@ -176,7 +188,7 @@ def run_job(job: TrainJob, data: CifarData | None = None, log: LogFn | None = pr
                                   "temperature": job.kd_temperature, "weight": job.kd_weight}
             if not has_warmup(job.config):
                 say(NO_WARMUP_NOTE)
-        if masks is not None:
+        if masks is not None and not ramp_steps:
             masks.apply(model)
         result = train(model, data, job.config, hooks, ctx, say)
         if masks is not None:
