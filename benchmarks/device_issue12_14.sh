@@ -5,13 +5,13 @@
 #   GPU 0: two strong baselines at once (the recipe with our OneCycle, and with torch's OneCycleLR, which cycles the
 #          momentum); the one with the better validation top-1 (the 5,000 held-out train images) is the teacher and
 #          starting point of every row. Then the issue-12 rows R0 from it.
-#   GPU 1: the issue-14 ResNet-50 ship driver (CPU timing pinned to cores 16-31), then the int8 cpu:4 / cpu:1 cells
-#          timed again with and without pinning (compress bench --pin), then the issue-12 rows R1
-#          (latency-aware rows first, each alone until its plan is made).
-#   Then, both GPUs quiet: every slim ONNX timed in one pass (stage B --rows none), the table and the plot.
+#   GPU 1: the issue-14 ResNet-50 ship driver's CUDA cells, then the issue-12 rows R1 (latency-aware rows first,
+#          each alone until its plan is made).
+#   Then, both GPUs quiet: every slim ONNX timed in one pass (stage B --rows none), the table and the plot; last, the
+#   ship driver's int8 CPU cells on the quiet host (pinned to cores 16-31; under load CPU timings move by 45%).
 #
 # Usage (on the device, repository root): ROWS_UNTIL=<epoch seconds> bash benchmarks/device_issue12_14.sh
-# ROWS_UNTIL: when the rows must have finished (the timing and packing take about a minute after it).
+# ROWS_UNTIL: when the rows must have finished (the timing, the CPU cells and packing take about 3 minutes after it).
 # Rows NAME@N are seed replicates (compress train --seed N; the held-out validation images stay the same).
 set -u
 source .device/base/setup.sh
@@ -32,21 +32,8 @@ for variant in onecycle onecycle-torch; do
         --time-limit 900 > "/tmp/acc-$variant.stdout" 2>&1 &
 done
 CUDA_VISIBLE_DEVICES=1 taskset -c 16-31 python3 benchmarks/ship_resnet50.py --out /tmp/ship --work /tmp/ship50 \
-    --cpu-cores 16-31 --time-limit 540 > /tmp/ship.stdout 2>&1
-say "ship driver finished (exit $?); int8 CPU cells with and without pinning"
-mkdir -p /tmp/pin
-M=/tmp/ship50
-for target in cpu:4 cpu:1; do
-    tag=${target/:/}
-    models="$M/resnet50_224.onnx $M/orig.int8.onnx $M/aware.int8.$tag.onnx $M/macs.int8.$tag.onnx"
-    for pin in nopin pin; do
-        flag=$([ $pin = pin ] && echo --pin || true)
-        CUDA_VISIBLE_DEVICES= taskset -c 16-31 python3 -m cli.main bench $models --target "$target" --runs 30 \
-            --rounds 3 --warmup 3 $flag --json "/tmp/pin/int8_${tag}_$pin.json" --md "/tmp/pin/int8_${tag}_$pin.md" \
-            > "/tmp/pin/int8_${tag}_$pin.log" 2>&1
-        say "bench $target $pin (exit $?)"
-    done
-done
+    --targets cuda@1,cuda@32 --cpu-cores 16-31 --time-limit 400 > /tmp/ship.stdout 2>&1
+say "ship driver, CUDA cells, finished (exit $?)"
 wait
 BEST=$(python3 - <<'EOF'
 import json
@@ -78,5 +65,8 @@ say "rows finished; timing"
 CUDA_VISIBLE_DEVICES=0 $ACC stage-b --data .device/base/data --from "$A,/tmp/accB0,/tmp/accB1" --rows none \
     --epochs "$EPOCHS" --recipe "$RECIPE" --out /tmp/accF --work /tmp/accwF --time-limit 300 --latency-reserve 300 \
     > /tmp/accF.stdout 2>&1
+say "timing done (exit $?); ship driver, CPU cells, on the quiet host"
+python3 benchmarks/ship_resnet50.py --out /tmp/ship_cpu --work /tmp/ship50cpu --targets cpu:1,cpu:4 --cpu-cores 16-31 \
+    --time-limit 200 > /tmp/ship_cpu.stdout 2>&1
 say "done (exit $?)"
 touch /tmp/orch.done
