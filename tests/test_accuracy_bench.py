@@ -73,6 +73,16 @@ def test_the_device_scripts_row_lists_name_known_rows():
         assert len(rows.select_rows(names)) == len(names.split(","))
 
 
+def test_mask_ramp_proxy_rows_are_valid_compress_train_commands(tmp_path):
+    import mask_ramp_r20
+
+    args = mask_ramp_r20.parse_args(["--data", "d", "--models", "m", "--out", str(tmp_path), "--work", str(tmp_path)])
+    for schedule, ramp in (("cosine", 0.0), ("onecycle", 2.0)):
+        params = parse_train(mask_ramp_r20.row_argv(args, "r20.th", schedule, ramp, tmp_path / "o"))
+        assert (params["schedule"], params["mask_ramp_epochs"], params["prune"], params["ratio"]) == (schedule, ramp, "l1", 0.6)
+        assert str(params["distill"]) == str(params["init"]) == "r20.th"
+
+
 def fake_row(name: str, top1: float, b128: float | None, baseline: bool = False) -> dict:
     return {"name": name, "label": name, "test_top1": top1, "macs_reduction": 0.0 if baseline else 0.6,
             "latency_ms": {"cuda_b1": 1.0, "cuda_b128": b128, "cpu1": 3.0}, "baseline": baseline, "epochs": 60,
