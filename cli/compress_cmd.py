@@ -113,6 +113,7 @@ def compress(
     precision_calib: Optional[Path] = typer.Option(None, "--precision-calib", help="Real inputs (.npy, or .npz per input name) for int8 ranges and the precision comparison."),
     exclude_quant: list[str] = typer.Option([], "--exclude-quant", help="Keep nodes matching PATTERN (node or weight name) in fp32 under --precision fp16/int8 (repeatable)."),
     keep_io_types: bool = typer.Option(True, "--keep-io-types/--no-keep-io-types", help="fp16: keep fp32 graph inputs and outputs."),
+    fp16_keep_op: list[str] = typer.Option([], "--fp16-keep-op", help="fp16: keep every node of this op type in fp32, on top of ONNX Runtime's default list (repeatable, e.g. Resize)."),
     int8_activations: str = typer.Option("uint8", "--int8-activations", help="int8: activation type uint8 (U8S8) or int8 (S8S8); measure on the target."),
     precision_max_error: Optional[float] = typer.Option(None, "--precision-max-error", help="Refuse when the relative output error vs fp32 exceeds this (default fp16 0.01, int8 0.25)."),
     precision_min_agreement: Optional[float] = typer.Option(None, "--precision-min-agreement", help="Refuse when top-1 agreement with fp32 is below this (default fp16 0.98, int8 0.90)."),
@@ -149,7 +150,7 @@ def compress(
             options[key] = value
     shapes = parse_input_shapes(input_shape)
     precision_options = build_precision_options(exclude_quant, keep_io_types, int8_activations, precision_max_error,
-                                                precision_min_agreement)
+                                                precision_min_agreement, fp16_keep_op, precision)
     check_ship_paths(model, output, precision, precision_calib, triton_repo, data=calib)
     plan_options, latency = compress_options(ratio, target=target, round_to=round_to, min_channels=min_channels,
                                              exclude=tuple(exclude), seed=seed, method_options=options, device=device,

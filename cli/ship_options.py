@@ -8,7 +8,8 @@ from cli.common import fail
 
 
 def build_precision_options(exclude_quant: list[str], keep_io_types: bool, int8_activations: str,
-                            max_error: float | None, min_agreement: float | None):
+                            max_error: float | None, min_agreement: float | None, fp16_keep_ops: list[str] = (),
+                            precision: str = "fp32"):
     """The PrecisionOptions the main command's flags describe (bad values end the command with one line)."""
     from compressor.deploy.int8 import QUANT_TYPES
     from compressor.deploy.precision import PrecisionOptions
@@ -19,8 +20,11 @@ def build_precision_options(exclude_quant: list[str], keep_io_types: bool, int8_
         fail(f"--precision-max-error must be positive (got {max_error})")
     if min_agreement is not None and not 0 <= min_agreement <= 1:
         fail(f"--precision-min-agreement must be in [0, 1] (got {min_agreement})")
+    if fp16_keep_ops and precision != "fp16":
+        fail(f"--fp16-keep-op applies to --precision fp16 only (got --precision {precision})")
     return PrecisionOptions(keep_io_types=keep_io_types, exclude=tuple(exclude_quant), activation_type=int8_activations,
-                            max_relative_error=max_error, min_top1_agreement=min_agreement)
+                            max_relative_error=max_error, min_top1_agreement=min_agreement,
+                            fp32_ops=tuple(dict.fromkeys(fp16_keep_ops)))
 
 
 def check_ship_paths(model: Path, output: Path, precision: str, calib: Path | None, triton_repo: Path | None,

@@ -156,13 +156,25 @@ def test_cli_precision_writes_report_and_refusals_write_nothing(tmp_path):
     assert "int8: relative output error" in proc.stdout
     assert model_precision(onnx.load(out)) == "int8" and json.loads(report.read_text())["precision"]["precision"] == "int8"
     for extra in (["--precision", "int8"], ["--precision", "fp16", "--precision-max-error", "1e-12"],
-                  ["--precision", "bf16"], ["--precision", "fp16", "--exclude-quant", "no_such_node"]):
+                  ["--precision", "bf16"], ["--precision", "fp16", "--exclude-quant", "no_such_node"],
+                  ["--precision", "fp16", "--fp16-keep-op", "NoSuchOp"], ["--fp16-keep-op", "Gemm"]):
         target = tmp_path / "refused.onnx"
         proc = run_cli(str(RESNET20), "-m", "l1", "-r", "0.5", "-o", str(target), *extra)
         lines = [line for line in proc.stderr.strip().splitlines() if not line.startswith("compress: ")]  # stages
         assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: "), (extra, proc.stderr)
         assert not target.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npy", "report.json", "slim.int8.onnx"]
+
+
+def test_cli_fp16_keep_op_keeps_that_op_type_in_fp32(tmp_path):
+    out = tmp_path / "slim.fp16.onnx"
+    proc = run_cli(str(RESNET20), "-m", "l1", "-r", "0.5", "-o", str(out), "--precision", "fp16", "--fp16-keep-op", "Gemm")
+    assert proc.returncode == 0, proc.stderr
+    model = onnx.load(out)
+    weights = {i.name: i.data_type for i in model.graph.initializer}
+    gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    assert weights[gemm.input[1]] == onnx.TensorProto.FLOAT and weights[conv.input[1]] == onnx.TensorProto.FLOAT16
 
 
 def test_bench_times_fp16_and_int8_models_and_reports_their_precision(tmp_path, resnet20_slim):

@@ -113,6 +113,9 @@ def convert_precision(proto: onnx.ModelProto, precision: str, calib_batches=None
     kept = matching_nodes(proto, options.exclude)
     if options.exclude and not kept:
         raise CompressorError(f"--exclude-quant {' '.join(options.exclude)} matches no node of the model")
+    absent = sorted(set(options.fp32_ops) - {n.op_type for n in proto.graph.node}) if precision == "fp16" else []
+    if absent:
+        raise CompressorError(f"--fp16-keep-op {' '.join(absent)}: no node of the model has that op type")
     if precision == "fp16":
         converted, settings = fp16_model(proto, options)
     else:
