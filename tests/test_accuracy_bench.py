@@ -73,14 +73,24 @@ def test_the_device_scripts_row_lists_name_known_rows():
         assert len(rows.select_rows(names)) == len(names.split(","))
 
 
-def test_mask_ramp_proxy_rows_are_valid_compress_train_commands(tmp_path):
-    import mask_ramp_r20
+def test_cpu_proxy_rows_are_valid_compress_train_commands(tmp_path):
+    import cpu_proxy_r20
 
-    args = mask_ramp_r20.parse_args(["--data", "d", "--models", "m", "--out", str(tmp_path), "--work", str(tmp_path)])
-    for schedule, ramp in (("cosine", 0.0), ("onecycle", 2.0)):
-        params = parse_train(mask_ramp_r20.row_argv(args, "r20.th", schedule, ramp, tmp_path / "o"))
-        assert (params["schedule"], params["mask_ramp_epochs"], params["prune"], params["ratio"]) == (schedule, ramp, "l1", 0.6)
+    common = ["--data", "d", "--models", "m", "--out", str(tmp_path), "--work", str(tmp_path)]
+    ramp_rows = cpu_proxy_r20.experiment_rows(cpu_proxy_r20.parse_args(["mask-ramp", *common]), "r20.th")
+    assert [fields for _, fields, _ in ramp_rows] == [{"schedule": s, "mask_ramp_epochs": r}
+                                                       for s in ("cosine", "onecycle") for r in (0.0, 2.0)]
+    for _, fields, argv in ramp_rows:
+        params = parse_train(argv)
+        assert (params["schedule"], params["mask_ramp_epochs"], params["prune"], params["ratio"]) == (
+            fields["schedule"], fields["mask_ramp_epochs"], "l1", 0.6)
         assert str(params["distill"]) == str(params["init"]) == "r20.th"
+    amsc_rows = cpu_proxy_r20.experiment_rows(cpu_proxy_r20.parse_args(["amsc-weights", *common]), "r20.th")
+    for name, fields, argv in amsc_rows:
+        params = parse_train(argv)
+        assert (params["method"], params["amsc_weights"], params["search"], params["schedule"]) == (
+            "amsc", fields["weights"], True, "onecycle")
+    assert [f["weights"] for _, f, _ in amsc_rows] == ["adaptive", "uniform", "reverse"]
 
 
 def fake_row(name: str, top1: float, b128: float | None, baseline: bool = False) -> dict:
