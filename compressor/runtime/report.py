@@ -183,7 +183,8 @@ class BenchReport:
             base = group[0]
             for m in group:
                 speedup = 1.0 if m is base else speedups.get((m.model, m.target, m.batch, m.setting))
-                rows.append([m.model + (f" [{m.setting}]{' *' if m.chosen else ''}" if m.setting else ""), m.precision or "?", m.target, str(m.batch), _human(m.macs), _human(m.params),
+                name = m.model + (f" [{m.setting}]{' *' if m.chosen else ''}" if m.setting else "")
+                rows.append([name, m.precision or "?", m.target, str(m.batch), _human(m.macs), _human(m.params),
                              f"{m.p50_ms:.3f}", f"{m.p90_ms:.3f}", f"{m.p99_ms:.3f}", f"{m.throughput:.1f}",
                              number(speedup, 2, "x"), number(ratio(m.macs, base.macs), 3),
                              number(m.memory_mb, 1), f"{m.session_create_s:.2f}"])

@@ -93,10 +93,11 @@ class TrainResult:
 
 
 def learning_rate(config: TrainConfig, progress: float) -> float:
-    """The learning rate at `progress` in [0, 1] of the run (linear warmup first, if any)."""
+    """The learning rate at `progress` in [0, 1] of the run (linear warmup first, if any); onecycle-torch is not
+    computed here: torch's scheduler sets it (torch_onecycle)."""
     total = max(config.epochs, 1e-9)
     warm = min(config.warmup_epochs / total, 1.0)
-    if config.schedule in ("onecycle", "onecycle-torch"):  # onecycle-torch: the loop's torch scheduler sets the real lr
+    if config.schedule == "onecycle":
         start, peak_at, final = config.lr / 25.0, max(warm, 0.25), config.lr / 1e4
         if progress < peak_at:
             return start + (config.lr - start) * progress / peak_at
