@@ -80,6 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--baseline-epochs", type=int, default=83)
     p.add_argument("--baseline-schedule", choices=("onecycle", "onecycle-torch"), default="onecycle",
                    help="stage A without --baseline: the strong recipe's OneCycle (ours, or torch's OneCycleLR)")
+    p.add_argument("--baseline-val-size", type=int, default=None,
+                   help="stage A without --baseline: train images the baseline holds out [the rows' 5,000; 0: the "
+                        "issue's recipe on the whole train set, for its top-1 only: rows never start from it]")
     p.add_argument("--epochs", type=int, default=60, help="fine-tune epochs of every row (the same for all)")
     p.add_argument("--recipe", choices=("cosine", "onecycle"), default="cosine",
                    help="the rows' common fine-tune schedule (rows with their own recipe keep it)")
@@ -309,7 +312,8 @@ def stage_a(args: argparse.Namespace, out: Path, work: Path, log: Log) -> dict:
         if not published:
             raise SystemExit(f"no resnet56-*.th under {args.models}")
         argv, epochs = baseline_argv(str(published[0]), str(work / BASELINE), args.baseline_epochs, args.data,
-                                     args.device, args.limit, args.baseline_schedule), args.baseline_epochs
+                                     args.device, args.limit, args.baseline_schedule,
+                                     args.baseline_val_size), args.baseline_epochs
         baseline = str(work / f"{BASELINE}.pt")
     else:  # a given baseline: evaluated, exported and slimmed (its row and its ONNX for timing)
         shutil.copy(args.baseline, work / "baseline-init.pt")

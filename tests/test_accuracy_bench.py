@@ -67,10 +67,19 @@ def test_seed_replicates_change_the_training_seed_only():
 def test_the_device_scripts_row_lists_name_known_rows():
     import re
 
-    script = (ROOT / "benchmarks" / "device_issue12_14.sh").read_text()
-    for key in ("R0", "R1"):
-        names = re.search(rf"{key}=\$\{{{key}:-([^}}]*)\}}", script)[1]
-        assert len(rows.select_rows(names)) == len(names.split(","))
+    for script_name, keys in (("device_issue12_14.sh", ("R0", "R1")), ("device_issue12.sh", ("R",))):
+        script = (ROOT / "benchmarks" / script_name).read_text()
+        for key in keys:
+            names = re.search(rf"{key}=\$\{{{key}:-([^}}]*)\}}", script)[1]
+            assert len(rows.select_rows(names)) == len(names.split(","))
+
+
+def test_the_whole_train_set_baseline_holds_nothing_out():
+    default = parse_train(rows.baseline_argv("p.th", "o", 83, "d", "cuda", None))
+    whole = parse_train(rows.baseline_argv("p.th", "o", 83, "d", "cuda", None, "onecycle-torch", 0))
+    assert (default["val_size"], whole["val_size"]) == (rows.VAL_SIZE, 0)
+    assert {k: v for k, v in whole.items() if k not in ("val_size", "schedule")} == {
+        k: v for k, v in default.items() if k not in ("val_size", "schedule")}
 
 
 def test_cpu_proxy_rows_are_valid_compress_train_commands(tmp_path):
