@@ -445,6 +445,7 @@ def write_report(rows: list[dict], run: dict, out: Path) -> None:
               "one call, interleaved (compressor.runtime.bench; cuda with IOBinding, cpu:1 in a fresh process per "
               "model). Pareto plot: accuracy_at_speed.png.",
               "", "Skipped: " + ("; ".join(f"{k}: {v}" for k, v in run.get("skipped", {}).items()) or "none")]
+    header += [""] + [f"- {note}" for note in run["notes"]] if run.get("notes") else []  # written into _run.json later
     (out / f"{NAME}.md").write_text(markdown(rows, header))
     try:
         pareto_plot(rows, out / f"{NAME}.png")

@@ -122,6 +122,15 @@ def test_table_and_pareto_plot(tmp_path):
     assert not rows.pareto_plot([none], tmp_path / "none.png")
 
 
+def test_report_carries_the_run_notes(tmp_path):
+    table = [fake_row("baseline", 91.0, 2.4, True), fake_row("l1-kd", 90.5, 1.2)]
+    driver.write_report(table, {"skipped": {}, "notes": ["the whole train set: 90.75%"]}, tmp_path)
+    text = (tmp_path / "accuracy_at_speed.md").read_text()
+    assert "- the whole train set: 90.75%" in text and text.index("90.75%") < text.index("| l1-kd")
+    driver.write_report(table, {"skipped": {}}, tmp_path)
+    assert "90.75%" not in (tmp_path / "accuracy_at_speed.md").read_text()
+
+
 def test_slim_models_are_packed_in_parts(tmp_path, monkeypatch):
     work, out = tmp_path / "work", tmp_path / "out"
     work.mkdir(), out.mkdir()
