@@ -119,3 +119,49 @@ def test_zeros_verifies_timm_efficientnetv2_rw_t(export_dir):
     assert report["runtime_noise"] > 1e-6  # a badly conditioned model: the tolerance follows its measured noise
     removed = sum(g["channels_before"] - g["channels_after"] for g in report["groups"])
     assert removed >= 2 and report["macs_after"] < report["macs_before"]  # zeroed filters outside residual streams
+
+
+def conv_reshape_model(features: int = 4096) -> onnx.ModelProto:
+    """Conv, Reshape to a shape held in a small initializer (only data propagation knows its output shape), then a
+    MatMul whose `features` x 10 weight must match it; both weights are above the value limit of shapes_only."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((64, 4, 3, 3)).astype(np.float32), "w")
+    target = numpy_helper.from_array(np.array([-1, 4096], dtype=np.int64), "target")
+    fc = numpy_helper.from_array(rng.standard_normal((features, 10)).astype(np.float32), "fc")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1]),
+             helper.make_node("Reshape", ["y", "target"], ["z"]), helper.make_node("MatMul", ["z", "fc"], ["logits"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 10])],
+                              [weight, target, fc])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_shape_inference_reads_shape_tensors_but_not_weights(monkeypatch):
+    from compressor.engine import shapes
+
+    model = conv_reshape_model()
+    before = model.SerializeToString()
+    light = shapes.shapes_only(model)
+    weight = next(t for t in light.graph.initializer if t.name == "w")
+    assert list(weight.dims) == [64, 4, 3, 3] and not weight.raw_data and not weight.float_data
+    assert numpy_helper.to_array(next(t for t in light.graph.initializer if t.name == "target")).tolist() == [-1, 4096]
+    monkeypatch.setattr(shapes, "run_for_shapes", lambda *a, **k: pytest.fail("shape inference left shapes unknown"))
+    found = shapes.infer_shapes(model, {"x": [2, 4, 8, 8]})
+    assert (found["y"], found["z"], found["logits"], found["w"]) == ((2, 64, 8, 8), (2, 4096), (2, 10), (64, 4, 3, 3))
+    assert model.SerializeToString() == before
+
+
+def test_checker_still_refuses_wrong_weight_dims_and_truncated_weights():
+    from compressor.engine.verify import check_model
+    from compressor.errors import VerificationError
+
+    check_model(conv_reshape_model(), {"x": [2, 4, 8, 8]})
+    with pytest.raises(VerificationError, match="Incompatible dimensions"):
+        check_model(conv_reshape_model(features=4095), {"x": [2, 4, 8, 8]})
+    truncated = conv_reshape_model()
+    weight = next(t for t in truncated.graph.initializer if t.name == "w")
+    weight.raw_data = weight.raw_data[:-4]
+    with pytest.raises(VerificationError, match="ONNX checker"):
+        check_model(truncated, {"x": [2, 4, 8, 8]})
