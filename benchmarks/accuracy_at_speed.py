@@ -39,8 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from accuracy_rows import (BASELINE, ROWS, Row, baseline_argv, latency_target, load_rows, markdown,  # noqa: E402
-                           pareto_plot, row_argv, row_summary, select_rows)
+from accuracy_rows import (BASELINE, ROWS, VAL_SIZE, Row, baseline_argv, latency_target, load_rows,  # noqa: E402
+                           markdown, pareto_plot, row_argv, row_summary, select_rows)
 
 NAME = "accuracy_at_speed"
 PART_BYTES = 15 * 2**20  # slim ONNX tar parts stay under the 16 MiB a returned file may have
@@ -80,9 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--baseline-epochs", type=int, default=83)
     p.add_argument("--baseline-schedule", choices=("onecycle", "onecycle-torch"), default="onecycle",
                    help="stage A without --baseline: the strong recipe's OneCycle (ours, or torch's OneCycleLR)")
-    p.add_argument("--baseline-val-size", type=int, default=None,
-                   help="stage A without --baseline: train images the baseline holds out [the rows' 5,000; 0: the "
-                        "issue's recipe on the whole train set, for its top-1 only: rows never start from it]")
+    p.add_argument("--baseline-val-size", type=int, default=VAL_SIZE,
+                   help="stage A without --baseline: train images the baseline holds out [the rows' %(default)s; 0: "
+                        "the issue's recipe on the whole train set, for its top-1 only: rows never start from it]")
     p.add_argument("--epochs", type=int, default=60, help="fine-tune epochs of every row (the same for all)")
     p.add_argument("--recipe", choices=("cosine", "onecycle"), default="cosine",
                    help="the rows' common fine-tune schedule (rows with their own recipe keep it)")

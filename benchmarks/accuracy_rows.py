@@ -154,12 +154,12 @@ def common_options(data: str, device: str, limit: int | None, val_size: int = VA
 
 
 def baseline_argv(init: str, out: str, epochs: int, data: str, device: str, limit: int | None,
-                  schedule: str = "onecycle", val_size: int | None = None) -> list[str]:
-    """The strong baseline recipe: the published checkpoint fine-tuned on the JPEG train set less the VAL_SIZE images
-    every command holds out (`val_size`: another number; 0 trains on every train image), with SGD nesterov 0.9, OneCycle to lr 0.1 (`schedule`: ours, or onecycle-torch, torch's
-    OneCycleLR with its momentum cycling), weight decay 5e-4, batch 256, crop + flip, bf16."""
-    held_out = VAL_SIZE if val_size is None else val_size
-    return common_options(data, device, limit, held_out) + [
+                  schedule: str = "onecycle", val_size: int = VAL_SIZE) -> list[str]:
+    """The strong baseline recipe: the published checkpoint fine-tuned on the JPEG train set less the `val_size` images
+    held out (every row holds out the same VAL_SIZE; 0 trains on every train image), with SGD nesterov 0.9, OneCycle to
+    lr 0.1 (`schedule`: ours, or onecycle-torch, torch's OneCycleLR with its momentum cycling), weight decay 5e-4,
+    batch 256, crop + flip, bf16."""
+    return common_options(data, device, limit, val_size) + [
         "--init", init, "--epochs", str(epochs), "--batch-size", "256", "--lr", "0.1", "--schedule", schedule,
         "--weight-decay", "5e-4", "-o", out]
 

@@ -15,7 +15,12 @@ def with_fixed_inputs(proto: onnx.ModelProto, input_shapes: dict[str, list[int]]
     fixed = onnx.ModelProto()
     fixed.CopyFrom(proto)
     del fixed.graph.value_info[:]
-    for inp in fixed.graph.input:
+    _fix_inputs(fixed.graph, input_shapes)
+    return fixed
+
+
+def _fix_inputs(graph: onnx.GraphProto, input_shapes: dict[str, list[int]]) -> None:
+    for inp in graph.input:
         shape = input_shapes.get(inp.name)
         if shape is None:
             continue
@@ -23,7 +28,6 @@ def with_fixed_inputs(proto: onnx.ModelProto, input_shapes: dict[str, list[int]]
         del dims.dim[:]
         for d in shape:
             dims.dim.add().dim_value = int(d)
-    return fixed
 
 
 # Initializers up to this many elements keep their values in shapes_only(): shape tensors (Reshape targets, Slice
@@ -31,29 +35,30 @@ def with_fixed_inputs(proto: onnx.ModelProto, input_shapes: dict[str, list[int]]
 SHAPE_VALUE_ELEMENTS = 1024
 
 
-def shapes_only(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `proto` for shape and type inference: its graph and opsets, with every initializer larger than
-    SHAPE_VALUE_ELEMENTS reduced to name, type and dims. Inference then serializes kilobytes instead of the weights
+def shapes_only(proto: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> onnx.ModelProto:
+    """with_fixed_inputs() for shape and type inference: a copy of `proto`'s graph and opsets whose initializers larger
+    than SHAPE_VALUE_ELEMENTS keep only name, type and dims. Inference then serializes kilobytes instead of the weights
     (a VGG-11 is 0.5 GB, serialized for each inference)."""
     light = onnx.ModelProto(ir_version=proto.ir_version)
     light.opset_import.extend(proto.opset_import)
     light.functions.extend(proto.functions)
     graph, source = light.graph, proto.graph
     graph.name = source.name
-    for field in ("node", "input", "output", "value_info", "sparse_initializer"):
+    for field in ("node", "input", "output", "sparse_initializer"):
         getattr(graph, field).extend(getattr(source, field))
     for tensor in source.initializer:
         if int(np.prod(tensor.dims)) <= SHAPE_VALUE_ELEMENTS:
             graph.initializer.append(tensor)
         else:
             graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+    _fix_inputs(graph, input_shapes)
     return light
 
 
 def infer_shapes(proto: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> dict[str, tuple[int, ...]]:
     """Map every tensor name to its concrete shape; ONNX Runtime fills what shape inference leaves unknown."""
     shapes: dict[str, tuple[int, ...]] = {}
-    light = with_fixed_inputs(shapes_only(proto), input_shapes)
+    light = shapes_only(proto, input_shapes)
     try:
         inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
     except Exception:  # noqa: BLE001 - fall back to running the model

@@ -21,7 +21,7 @@ from typing import Iterable, Mapping
 import numpy as np
 import onnx
 
-from compressor.engine.shapes import shapes_only, with_fixed_inputs
+from compressor.engine.shapes import shapes_only
 from compressor.errors import CompressorError, VerificationError, first_line
 from compressor.runtime.inputs import ONNX_TO_NUMPY, random_inputs
 from compressor.runtime.sessions import cpu_session
@@ -67,8 +67,7 @@ def check_model(proto: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> N
     """Run the full ONNX checker and strict shape inference (under the analysis input shapes)."""
     try:
         onnx.checker.check_model(proto, full_check=False)
-        onnx.shape_inference.infer_shapes(with_fixed_inputs(shapes_only(proto), input_shapes), check_type=True,
-                                          strict_mode=True)
+        onnx.shape_inference.infer_shapes(shapes_only(proto, input_shapes), check_type=True, strict_mode=True)
     except Exception as exc:  # noqa: BLE001 - checker and inference raise several types
         raise VerificationError(f"the compressed model fails the ONNX checker: {first_line(exc)}") from exc
 
